@@ -1,0 +1,262 @@
+"""The layer-major loop: build a module on meta, fill it from a tensor source, run, free.
+
+The loop is independent of where tensors come from: :class:`TensorSource` is a small Protocol,
+implemented by the safetensors checkpoint reader (``_checkpoint``) and by :class:`DictSource`
+(an in-memory state dict, used by family tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ._family import ArchitectureFamily, LayerContext
+from .errors import CheckpointError, TensorMismatchError
+
+__all__ = [
+    "DictSource",
+    "EngineOutput",
+    "TensorSource",
+    "fill_module",
+    "params_on_meta",
+    "run_in_memory",
+]
+
+
+class TensorSource(Protocol):
+    """Where tensors come from, by checkpoint name."""
+
+    def names(self) -> Collection[str]:
+        """Every tensor name in the checkpoint."""
+        ...
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (the only read of it in a run)."""
+        ...
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of a tensor, without reading it."""
+        ...
+
+    def where(self, name: str) -> str:
+        """The file a tensor lives in, for error messages."""
+        ...
+
+
+class DictSource:
+    """A :class:`TensorSource` over an in-memory ``{name: tensor}`` mapping."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], label: str = "<state dict>") -> None:
+        self._tensors = dict(tensors)
+        self._label = label
+
+    def names(self) -> Collection[str]:
+        return self._tensors.keys()
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def where(self, name: str) -> str:
+        return self._label
+
+
+@contextlib.contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device while buffers are created for real.
+
+    Parameters are what a checkpoint fills; non-persistent buffers (rotary ``inv_freq``,
+    position id ranges) are computed in ``__init__`` and must hold real values.
+    """
+    original = nn.Module.register_parameter
+
+    def register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(self, name, param)
+        if param is not None and not param.is_meta:
+            kwargs = {"requires_grad": param.requires_grad}
+            self._parameters[name] = type(param)(param.to("meta"), **kwargs)
+
+    nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def fill_module(
+    module: nn.Module,
+    key_to_name: Mapping[str, str],
+    source: TensorSource,
+    *,
+    dtype: torch.dtype | None,
+    device: torch.device,
+    what: str,
+) -> None:
+    """Assign checkpoint tensors into ``module`` (built with parameters on meta), strictly.
+
+    ``key_to_name`` maps every state-dict key of ``module`` to its checkpoint name. Shapes are
+    checked before anything is read; a missing tensor or shape mismatch raises
+    :class:`TensorMismatchError` naming the tensor and its file.
+    """
+    expected = module.state_dict(keep_vars=True)
+    missing_keys = set(expected) - set(key_to_name)
+    if missing_keys:
+        raise TensorMismatchError(
+            f"{what}: no checkpoint name planned for {sorted(missing_keys)} (a family bug)"
+        )
+    available = source.names()
+    loaded: dict[str, torch.Tensor] = {}
+    for key, target in expected.items():
+        name = key_to_name[key]
+        if name not in available:
+            raise TensorMismatchError(
+                f"{what}: tensor {name!r} is missing from the checkpoint; the model expects it "
+                f"with shape {list(target.shape)}"
+            )
+        shape = source.shape(name)
+        if tuple(shape) != tuple(target.shape):
+            raise TensorMismatchError(
+                f"{what}: tensor {name!r} in {source.where(name)} has shape {list(shape)}, "
+                f"expected {list(target.shape)}"
+            )
+    for key, target in expected.items():
+        name = key_to_name[key]
+        tensor = source.get(name)
+        if not (tensor.is_floating_point() == target.is_floating_point()):
+            raise TensorMismatchError(
+                f"{what}: tensor {name!r} in {source.where(name)} has dtype {tensor.dtype}, "
+                f"expected a {'floating point' if target.is_floating_point() else 'integer'} tensor"
+            )
+        want = dtype if (dtype is not None and tensor.is_floating_point()) else tensor.dtype
+        loaded[key] = tensor.to(device=device, dtype=want)
+    module.load_state_dict(loaded, strict=True, assign=True)
+    for label, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_meta:
+            raise CheckpointError(f"{what}: {label!r} is still on the meta device after loading")
+    if dtype is not None:
+        for sub in module.modules():
+            for bname, buf in list(sub._buffers.items()):
+                if buf is not None and buf.is_floating_point() and buf.device != device:
+                    sub._buffers[bname] = buf.to(device)
+
+
+@dataclass
+class EngineOutput:
+    """What one layer-major pass produced (batch dimension in input order)."""
+
+    last_hidden_state: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None
+    logits: torch.Tensor | None
+
+
+def _build(build: Callable[[], nn.Module]) -> nn.Module:
+    with params_on_meta():
+        return build()
+
+
+def _layer_map(
+    family: ArchitectureFamily, layer: nn.Module, idx: int, layer_type: str, model_prefix: str
+) -> dict[str, str]:
+    prefix = family.get_layer_prefix(idx, layer_type, model_prefix=model_prefix)
+    return {key: prefix + key for key in layer.state_dict(keep_vars=True)}
+
+
+def run_in_memory(
+    family: ArchitectureFamily,
+    config: Any,
+    state_dict: Mapping[str, torch.Tensor],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    batch_size: int = 8,
+    output_hidden_states: bool = False,
+    output_logits: bool = False,
+    layer_type: str | None = None,
+) -> EngineOutput:
+    """Run the family hooks layer-major over an in-memory state dict (for family tests).
+
+    Same loop as streaming, without the activation store: stem, every layer over every
+    micro-batch, final, optional logits. ``state_dict`` uses checkpoint names (what
+    ``save_pretrained`` wrote), so both head and base layouts work.
+    """
+    source = DictSource(state_dict)
+    device = torch.device("cpu")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    stack = layer_type or family.layer_types(config)[0]
+    model_prefix = family.resolve_model_prefix(config, source.names())
+
+    stem = _build(lambda: family.build_stem(config, stack))
+    stem_map = family.stem_tensor_names(
+        config,
+        list(stem.state_dict(keep_vars=True)),
+        model_prefix=model_prefix,
+        available=source.names(),
+        layer_type=stack,
+    )
+    fill_module(stem, stem_map, source, dtype=None, device=device, what="stem")
+    chunks: list[tuple[torch.Tensor, LayerContext]] = []
+    with torch.no_grad():
+        for start in range(0, input_ids.shape[0], batch_size):
+            ids = input_ids[start : start + batch_size]
+            mask = attention_mask[start : start + batch_size]
+            chunks.append(family.embed(config, stem, ids, mask, stack))
+    del stem
+    hidden: list[torch.Tensor] = [h for h, _ in chunks]
+    contexts = [c for _, c in chunks]
+    collected: list[torch.Tensor] = [torch.cat(hidden)] if output_hidden_states else []
+    n_layers = family.num_layers(config, stack)
+    for idx in range(n_layers):
+        layer = _build(lambda idx=idx: family.create_layer(config, idx, stack))
+        fill_module(
+            layer,
+            _layer_map(family, layer, idx, stack, model_prefix),
+            source,
+            dtype=None,
+            device=device,
+            what=f"layer {idx}",
+        )
+        layer.eval()
+        with torch.no_grad():
+            hidden = [
+                family.call_layer(config, layer, h, ctx, idx, stack)
+                for h, ctx in zip(hidden, contexts, strict=True)
+            ]
+        del layer
+        gc.collect()
+        if output_hidden_states and idx < n_layers - 1:
+            collected.append(torch.cat(hidden))
+    final = _build(lambda: family.build_final(config, stack))
+    final_map = {key: model_prefix + key for key in final.state_dict(keep_vars=True)}
+    fill_module(final, final_map, source, dtype=None, device=device, what="final norm")
+    with torch.no_grad():
+        last = torch.cat(
+            [family.finish(config, final, h, ctx, stack) for h, ctx in zip(hidden, contexts, strict=True)]
+        )
+    if output_hidden_states:
+        collected.append(last)
+    logits = None
+    if output_logits:
+        head = _build(lambda: family.build_lm_head(config) or nn.Identity())
+        head_map = family.lm_head_tensor_map(
+            config,
+            list(head.state_dict(keep_vars=True)),
+            model_prefix=model_prefix,
+            available=source.names(),
+        )
+        fill_module(head, head_map, source, dtype=None, device=device, what="lm head")
+        with torch.no_grad():
+            logits = family.compute_logits(config, head, last)
+    return EngineOutput(
+        last_hidden_state=last,
+        hidden_states=tuple(collected) if output_hidden_states else None,
+        logits=logits,
+    )
