@@ -8,6 +8,7 @@ implemented by the safetensors checkpoint reader (``_checkpoint``) and by :class
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
@@ -215,7 +216,7 @@ def run_in_memory(
     collected: list[torch.Tensor] = [torch.cat(hidden)] if output_hidden_states else []
     n_layers = family.num_layers(config, stack)
     for idx in range(n_layers):
-        layer = _build(lambda idx=idx: family.create_layer(config, idx, stack))
+        layer = _build(functools.partial(family.create_layer, config, idx, stack))
         fill_module(
             layer,
             _layer_map(family, layer, idx, stack, model_prefix),
@@ -239,7 +240,10 @@ def run_in_memory(
     fill_module(final, final_map, source, dtype=None, device=device, what="final norm")
     with torch.no_grad():
         last = torch.cat(
-            [family.finish(config, final, h, ctx, stack) for h, ctx in zip(hidden, contexts, strict=True)]
+            [
+                family.finish(config, final, h, ctx, stack)
+                for h, ctx in zip(hidden, contexts, strict=True)
+            ]
         )
     if output_hidden_states:
         collected.append(last)

@@ -240,7 +240,12 @@ class ArchitectureFamily:
         return None
 
     def lm_head_tensor_map(
-        self, config: Any, head_keys: Collection[str], *, model_prefix: str, available: Collection[str]
+        self,
+        config: Any,
+        head_keys: Collection[str],
+        *,
+        model_prefix: str,
+        available: Collection[str],
     ) -> dict[str, str]:
         """Map each LM-head state-dict key to the checkpoint tensor that fills it (tied: embeddings)."""
         return dict(zip(head_keys, head_keys, strict=True))

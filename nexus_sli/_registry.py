@@ -144,9 +144,7 @@ class DetectionExplanation:
             if self.closest:
                 lines.append(f"closest supported: {', '.join(self.closest)}")
         else:
-            lines.append(
-                f"matched: family {self.family_id!r} by {self.rule} == {self.matched!r}"
-            )
+            lines.append(f"matched: family {self.family_id!r} by {self.rule} == {self.matched!r}")
         return "\n".join(lines)
 
 
@@ -300,7 +298,9 @@ class ArchitectureRegistry:
         effects). Nothing changes unless every check passes.
         """
         module, lineno = _caller()
-        self._register(layer_name, layer_factory, module, lineno, "call", replace, validate, probe_config)
+        self._register(
+            layer_name, layer_factory, module, lineno, "call", replace, validate, probe_config
+        )
 
     def _register(
         self,
@@ -442,7 +442,14 @@ class ArchitectureRegistry:
                     if existing is None or not _same_factory(existing.factory, loaded):
                         module = getattr(loaded, "__module__", ep.value)
                         self._register(
-                            ep.name, loaded, str(module), 0, f"entry point {label}", False, True, None
+                            ep.name,
+                            loaded,
+                            str(module),
+                            0,
+                            f"entry point {label}",
+                            False,
+                            True,
+                            None,
                         )
                 report[label] = None
             except Exception as exc:
@@ -585,11 +592,15 @@ class ArchitectureRegistry:
         considered = tuple(state.families)
         if model_type is not None and model_type in state.by_model_type:
             fid = state.by_model_type[model_type]
-            return DetectionExplanation(model_type, archs, fid, "model_type", model_type, considered)
+            return DetectionExplanation(
+                model_type, archs, fid, "model_type", model_type, considered
+            )
         for arch in archs:
             if arch in state.by_architecture:
                 fid = state.by_architecture[arch]
-                return DetectionExplanation(model_type, archs, fid, "architectures", arch, considered)
+                return DetectionExplanation(
+                    model_type, archs, fid, "architectures", arch, considered
+                )
         known = [*state.by_model_type, *state.by_architecture]
         closest: list[str] = []
         for query in [model_type or "", *archs]:
@@ -661,4 +672,3 @@ def register_layer(
         return factory
 
     return decorate
-

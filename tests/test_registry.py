@@ -49,7 +49,14 @@ class Block(nn.Module):
 # ---------------------------------------------------------------- step 1: names
 @pytest.mark.parametrize(
     "name",
-    ["llama_custom_attn", "moe_expert_layer", "generic_rms_norm", "experimental_new_attn", "a_b", "gpt2_block_v2"],
+    [
+        "llama_custom_attn",
+        "moe_expert_layer",
+        "generic_rms_norm",
+        "experimental_new_attn",
+        "a_b",
+        "gpt2_block_v2",
+    ],
 )
 def test_valid_names(registry: ArchitectureRegistry, name: str) -> None:
     registry.register_custom_layer(name, linear)
@@ -95,7 +102,9 @@ def test_duplicate_names_both_origins(registry: ArchitectureRegistry) -> None:
         registry.register_custom_layer("llama_block", Block)
     message = str(info.value)
     assert isinstance(info.value, ValueError)
-    assert f"tests.test_registry:{first_line}" in message or f"test_registry:{first_line}" in message
+    assert (
+        f"tests.test_registry:{first_line}" in message or f"test_registry:{first_line}" in message
+    )
     assert f"test_registry:{first_line + 3}" in message
     assert "replace=True" in message
     assert "linear" in message and "Block" in message
@@ -209,8 +218,8 @@ def test_meta_build_failure_is_chained(registry: ArchitectureRegistry) -> None:
 
 
 def test_meta_build_must_return_module(registry: ArchitectureRegistry) -> None:
-    with pytest.raises(FactoryContractError, match="returned Tensor, expected a torch.nn.Module"):
-        registry.register_custom_layer("generic_tensor", lambda c, i: torch.zeros(2))  # type: ignore[arg-type,return-value]
+    with pytest.raises(FactoryContractError, match=r"returned Tensor, expected a torch\.nn\.Module"):
+        registry.register_custom_layer("generic_tensor", lambda c, i: torch.zeros(2))  # type: ignore[arg-type]
 
 
 def test_meta_build_must_stay_on_meta(registry: ArchitectureRegistry) -> None:
@@ -255,7 +264,7 @@ def test_validate_false_skips_the_call(registry: ArchitectureRegistry) -> None:
     registry.register_custom_layer("generic_counting", counting, validate=False)
     assert calls == []
     with pytest.raises(FactorySignatureError):
-        registry.register_custom_layer("generic_bad", lambda c: nn.Identity(), validate=False)  # type: ignore[arg-type,misc]
+        registry.register_custom_layer("generic_bad", lambda c: nn.Identity(), validate=False)  # type: ignore[arg-type]
 
 
 def test_transformers_layer_registers_from_probe(registry: ArchitectureRegistry) -> None:

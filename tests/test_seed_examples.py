@@ -46,7 +46,8 @@ class SwiGLUFFN(nn.Module):
         self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+        out: torch.Tensor = self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+        return out
 
 
 class GELUFFN(nn.Module):
@@ -59,8 +60,7 @@ class GELUFFN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.net(x)
-        return out
+        return torch.as_tensor(self.net(x))
 
 
 class ReLUUFFN(GELUFFN):
@@ -75,7 +75,7 @@ class _SelfAttention(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.attn(x, x, x)
+        out: torch.Tensor = self.attn(x, x, x)[0]
         return out
 
 
@@ -221,7 +221,9 @@ def test_api_reference_list(capsys: pytest.CaptureFixture[str]) -> None:
     registry.register_custom_layer("moe_expert_layer", CustomFFN)
     custom_layers = registry.list_custom_layers()
     print(f"Custom layers: {custom_layers}")
-    assert capsys.readouterr().out == "Custom layers: ['llama_rotary_scaling', 'moe_expert_layer']\n"
+    assert (
+        capsys.readouterr().out == "Custom layers: ['llama_rotary_scaling', 'moe_expert_layer']\n"
+    )
 
 
 def test_api_reference_clear() -> None:
@@ -294,7 +296,9 @@ def create_complex_block_factory(attention_impl: str = "flash", norm_type: str =
 
 def test_complex_layer_factories() -> None:
     registry = ArchitectureRegistry()
-    registry.register_custom_layer("transformer_flash_rms", create_complex_block_factory("flash", "rms"))
+    registry.register_custom_layer(
+        "transformer_flash_rms", create_complex_block_factory("flash", "rms")
+    )
     registry.register_custom_layer(
         "transformer_memory_layernorm",
         create_complex_block_factory("memory_efficient", "layernorm"),
@@ -420,7 +424,12 @@ def test_bound_methods_validated() -> None:
 # ---------------------------------------------------------------- Best practices
 @pytest.mark.parametrize(
     "name",
-    ["llama_rotary_with_scaling", "moe_sparse_expert", "gpt_neox_parallel_attn", "bert_alibi_position"],
+    [
+        "llama_rotary_with_scaling",
+        "moe_sparse_expert",
+        "gpt_neox_parallel_attn",
+        "bert_alibi_position",
+    ],
 )
 def test_good_names(name: str) -> None:
     ArchitectureRegistry().register_custom_layer(name, CustomAttentionLayer)
@@ -561,16 +570,17 @@ def test_example_1_moe_expert() -> None:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             weights = torch.softmax(self.router(x), dim=-1)
-            return sum(  # type: ignore[return-value]
+            output: torch.Tensor = sum(
                 w.unsqueeze(-1) * expert(x)
                 for w, expert in zip(weights.unbind(-1), self.experts, strict=True)
             )
+            return output
 
     config = make_config(hidden_size=32, intermediate_size=64, num_experts=3)
     moe = MoELayer(config)
     x = torch.randn(2, 4, 32)
     assert moe(x).shape == x.shape
-    assert all(e.task_type == "general" for e in moe.experts)  # type: ignore[union-attr]
+    assert all(e.task_type == "general" for e in moe.experts)
 
 
 class MultiQueryAttention(nn.Module):
