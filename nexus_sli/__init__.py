@@ -41,6 +41,8 @@ from .errors import TensorMismatchError as TensorMismatchError
 from .errors import UnknownFamilyError as UnknownFamilyError
 from .errors import UnknownLayerError as UnknownLayerError
 from .errors import UnsupportedArchitectureError as UnsupportedArchitectureError
+from .universal_sli import SLIResult as SLIResult
+from .universal_sli import UniversalSLIProcessor as UniversalSLIProcessor
 
 __version__ = "0.1.0"
 
@@ -71,9 +73,11 @@ __all__ = [
     "RegistrationError",
     "RemoteCodeError",
     "ResumeMismatchError",
+    "SLIResult",
     "ShapeContract",
     "StreamingError",
     "TensorMismatchError",
+    "UniversalSLIProcessor",
     "UnknownFamilyError",
     "UnknownLayerError",
     "UnsupportedArchitectureError",

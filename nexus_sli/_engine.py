@@ -8,16 +8,14 @@ implemented by the safetensors checkpoint reader (``_checkpoint``) and by :class
 from __future__ import annotations
 
 import contextlib
-import functools
-import gc
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from ._family import ArchitectureFamily, LayerContext
+from ._family import ArchitectureFamily
 from .errors import CheckpointError, TensorMismatchError
 
 __all__ = [
@@ -100,6 +98,7 @@ def fill_module(
     dtype: torch.dtype | None,
     device: torch.device,
     what: str,
+    tensors: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """Assign checkpoint tensors into ``module`` (built with parameters on meta), strictly.
 
@@ -130,7 +129,7 @@ def fill_module(
             )
     for key, target in expected.items():
         name = key_to_name[key]
-        tensor = source.get(name)
+        tensor = tensors[name] if tensors is not None else source.get(name)
         if not (tensor.is_floating_point() == target.is_floating_point()):
             raise TensorMismatchError(
                 f"{what}: tensor {name!r} in {source.where(name)} has dtype {tensor.dtype}, "
@@ -158,18 +157,6 @@ class EngineOutput:
     logits: torch.Tensor | None
 
 
-def _build(build: Callable[[], nn.Module]) -> nn.Module:
-    with params_on_meta():
-        return build()
-
-
-def _layer_map(
-    family: ArchitectureFamily, layer: nn.Module, idx: int, layer_type: str, model_prefix: str
-) -> dict[str, str]:
-    prefix = family.get_layer_prefix(idx, layer_type, model_prefix=model_prefix)
-    return {key: prefix + key for key in layer.state_dict(keep_vars=True)}
-
-
 def run_in_memory(
     family: ArchitectureFamily,
     config: Any,
@@ -184,83 +171,23 @@ def run_in_memory(
 ) -> EngineOutput:
     """Run the family hooks layer-major over an in-memory state dict (for family tests).
 
-    Same loop as streaming, without the activation store: stem, every layer over every
-    micro-batch, final, optional logits. ``state_dict`` uses checkpoint names (what
+    The same loop as streaming (planning and strict checks included), over tensors already in
+    memory and without an activation store. ``state_dict`` uses checkpoint names (what
     ``save_pretrained`` wrote), so both head and base layouts work.
     """
-    source = DictSource(state_dict)
-    device = torch.device("cpu")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    stack = layer_type or family.layer_types(config)[0]
-    model_prefix = family.resolve_model_prefix(config, source.names())
+    from ._stream import run_layer_major
 
-    stem = _build(lambda: family.build_stem(config, stack))
-    stem_map = family.stem_tensor_names(
+    out = run_layer_major(
+        family,
         config,
-        list(stem.state_dict(keep_vars=True)),
-        model_prefix=model_prefix,
-        available=source.names(),
-        layer_type=stack,
+        DictSource(state_dict),
+        input_ids,
+        torch.ones_like(input_ids) if attention_mask is None else attention_mask,
+        batch_size=batch_size,
+        output_hidden_states=output_hidden_states,
+        output_logits=output_logits,
+        dtype=None,
+        device=torch.device("cpu"),
+        stack=layer_type,
     )
-    fill_module(stem, stem_map, source, dtype=None, device=device, what="stem")
-    chunks: list[tuple[torch.Tensor, LayerContext]] = []
-    with torch.no_grad():
-        for start in range(0, input_ids.shape[0], batch_size):
-            ids = input_ids[start : start + batch_size]
-            mask = attention_mask[start : start + batch_size]
-            chunks.append(family.embed(config, stem, ids, mask, stack))
-    del stem
-    hidden: list[torch.Tensor] = [h for h, _ in chunks]
-    contexts = [c for _, c in chunks]
-    collected: list[torch.Tensor] = [torch.cat(hidden)] if output_hidden_states else []
-    n_layers = family.num_layers(config, stack)
-    for idx in range(n_layers):
-        layer = _build(functools.partial(family.create_layer, config, idx, stack))
-        fill_module(
-            layer,
-            _layer_map(family, layer, idx, stack, model_prefix),
-            source,
-            dtype=None,
-            device=device,
-            what=f"layer {idx}",
-        )
-        layer.eval()
-        with torch.no_grad():
-            hidden = [
-                family.call_layer(config, layer, h, ctx, idx, stack)
-                for h, ctx in zip(hidden, contexts, strict=True)
-            ]
-        del layer
-        gc.collect()
-        if output_hidden_states and idx < n_layers - 1:
-            collected.append(torch.cat(hidden))
-    final = _build(lambda: family.build_final(config, stack))
-    final_map = {key: model_prefix + key for key in final.state_dict(keep_vars=True)}
-    fill_module(final, final_map, source, dtype=None, device=device, what="final norm")
-    with torch.no_grad():
-        last = torch.cat(
-            [
-                family.finish(config, final, h, ctx, stack)
-                for h, ctx in zip(hidden, contexts, strict=True)
-            ]
-        )
-    if output_hidden_states:
-        collected.append(last)
-    logits = None
-    if output_logits:
-        head = _build(lambda: family.build_lm_head(config) or nn.Identity())
-        head_map = family.lm_head_tensor_map(
-            config,
-            list(head.state_dict(keep_vars=True)),
-            model_prefix=model_prefix,
-            available=source.names(),
-        )
-        fill_module(head, head_map, source, dtype=None, device=device, what="lm head")
-        with torch.no_grad():
-            logits = family.compute_logits(config, head, last)
-    return EngineOutput(
-        last_hidden_state=last,
-        hidden_states=tuple(collected) if output_hidden_states else None,
-        logits=logits,
-    )
+    return EngineOutput(out.last_hidden_state, out.hidden_states, out.logits)

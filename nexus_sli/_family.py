@@ -60,6 +60,10 @@ class ArchitectureFamily:
     layer_paths: ClassVar[Mapping[str, str]] = {}
     #: Regexes of checkpoint tensor names transformers itself ignores when loading (legacy buffers).
     ignored_tensor_patterns: ClassVar[Collection[str]] = ()
+    #: Regexes of checkpoint tensors that are legitimately present but that the streamed outputs
+    #: never read (a pooler, the heads of other tasks, the decoder stack of an encoder run).
+    #: Anything neither used, ignored nor listed here is an unexpected tensor: an error.
+    unused_tensor_patterns: ClassVar[Collection[str]] = ()
 
     def __init__(self) -> None:
         pass
