@@ -224,6 +224,19 @@ class ArchitectureFamily:
         valid, without a stem: used for forward-shape contract checks on the meta device."""
         raise NotImplementedError(f"{type(self).__name__} does not provide a probe context")
 
+    def custom_output(self, config: Any, role: str, output: torch.Tensor) -> Any:
+        """What a custom module replacing ``role`` must hand back to the family's layer.
+
+        Custom modules return a tensor; transformers' attention modules return a tuple that
+        their layer unpacks. The default gives ``(output, None)`` for ``attention`` (the
+        ``attn_output, attn_weights`` pair of most decoder layers) and the tensor otherwise.
+        """
+        return (output, None) if role == "attention" else output
+
+    def attention_is_causal(self, config: Any, layer_type: str = "decoder") -> bool:
+        """Whether attention in stack ``layer_type`` is causal (for custom layers' masks)."""
+        return layer_type != "encoder"
+
     def build_final(self, config: Any, layer_type: str = "decoder") -> nn.Module:
         """Modules after the last layer (final norm), keys relative to the model prefix."""
         return nn.Identity()

@@ -61,11 +61,18 @@ class CustomLayerAdapter(nn.Module):
     arguments the custom forward accepts are passed; a tuple result gives its first element.
     """
 
-    def __init__(self, inner: nn.Module, role: str, causal: bool) -> None:
+    def __init__(
+        self,
+        inner: nn.Module,
+        role: str,
+        causal: bool,
+        wrap: Callable[[str, torch.Tensor], Any] | None = None,
+    ) -> None:
         super().__init__()
         self.inner = inner
         self.role = role
         self.causal = causal
+        self.wrap = wrap
         self.context: LayerContext = {}
         params = inspect.signature(inner.forward).parameters
         var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -84,9 +91,7 @@ class CustomLayerAdapter(nn.Module):
         out = self.inner(hidden_states, **call)
         if isinstance(out, tuple | list):
             out = out[0]
-        if self.role == "attention":
-            return out, None
-        return out
+        return out if self.wrap is None else self.wrap(self.role, out)
 
 
 def additive_mask(padding_mask: torch.Tensor, dtype: torch.dtype, *, causal: bool) -> torch.Tensor:
@@ -173,10 +178,10 @@ def plan_run(
     final = _build(lambda: family.build_final(config, stack))
     final_map = {key: model_prefix + key for key in final.state_dict(keep_vars=True)}
     _check_shapes(final, final_map, source, "final norm")
-    head = family.build_lm_head(config)
+    head = _build(lambda: family.build_lm_head(config) or nn.Identity())
     head_map: dict[str, str] = {}
-    if head is not None:
-        head_module = _build(lambda: family.build_lm_head(config) or nn.Identity())
+    if not isinstance(head, nn.Identity):
+        head_module = head
         candidate = family.lm_head_tensor_map(
             config,
             list(head_module.state_dict(keep_vars=True)),
@@ -232,7 +237,7 @@ def run_layer_major(
     """Run one stack of a checkpoint layer-major over every micro-batch (see module doc)."""
     stack = stack or family.layer_types(config)[0]
     roles = family.layer_roles(config, stack)
-    causal = stack != "encoder"
+    causal = family.attention_is_causal(config, stack)
     overrides = dict(overrides or {})
 
     def build_layer(idx: int) -> nn.Module:
@@ -258,6 +263,7 @@ def run_layer_major(
     with torch.no_grad():
         stem = plan.stem()
         fill_module(stem, plan.stem_map, source, dtype=dtype, device=device, what="embeddings")
+        stem.eval()
         chunks: list[torch.Tensor] = []
         contexts: list[LayerContext] = []
         for s, e in bounds:
@@ -313,7 +319,9 @@ def run_layer_major(
                     tensors=tensors,
                 )
                 del tensors
-                layer, adapters = _wrap_custom(layer, overrides, roles, causal)
+                layer, adapters = _wrap_custom(
+                    layer, overrides, roles, causal, functools.partial(family.custom_output, config)
+                )
                 layer.eval()
                 out: list[torch.Tensor] = []
                 for hidden, ctx in zip(chunks, contexts, strict=True):
@@ -347,6 +355,7 @@ def run_layer_major(
 
         final = _build(lambda: family.build_final(config, stack))
         fill_module(final, plan.final_map, source, dtype=dtype, device=device, what="final norm")
+        final.eval()
         last_hidden = torch.cat(
             [
                 family.finish(config, final, h, ctx, stack)
@@ -374,7 +383,11 @@ def _read_tensors(source: TensorSource, names: Collection[str]) -> dict[str, tor
 
 
 def _wrap_custom(
-    layer: nn.Module, overrides: Mapping[str, Any], roles: Mapping[str, str], causal: bool
+    layer: nn.Module,
+    overrides: Mapping[str, Any],
+    roles: Mapping[str, str],
+    causal: bool,
+    wrap: Callable[[str, torch.Tensor], Any],
 ) -> tuple[nn.Module, list[CustomLayerAdapter]]:
     """Put each custom module (already filled with its weights) behind an adapter."""
     adapters: list[CustomLayerAdapter] = []
@@ -384,7 +397,7 @@ def _wrap_custom(
             whole = CustomLayerAdapter(layer, role, causal)
             return whole, [whole]
         parent, attr = _submodule_parent(layer, path)
-        adapter = CustomLayerAdapter(getattr(parent, attr), role, causal)
+        adapter = CustomLayerAdapter(getattr(parent, attr), role, causal, wrap)
         setattr(parent, attr, adapter)
         adapters.append(adapter)
     return layer, adapters
@@ -406,4 +419,5 @@ def _logits(
             "the base model); run with output_logits=False"
         )
     fill_module(head, plan.head_map, source, dtype=dtype, device=device, what="lm head")
+    head.eval()
     return family.compute_logits(config, head, last_hidden)

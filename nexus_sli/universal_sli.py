@@ -123,6 +123,12 @@ class UniversalSLIProcessor:
                 "a whole-layer override already replaces its attention and mlp"
             )
 
+    def _has_lm_head(self) -> bool:
+        from ._engine import params_on_meta
+
+        with params_on_meta():
+            return self.family.build_lm_head(self.config) is not None
+
     def __repr__(self) -> str:
         return (
             f"UniversalSLIProcessor({str(self.model_dir)!r}, family={self.family.family_id!r}, "
@@ -201,7 +207,7 @@ class UniversalSLIProcessor:
         """
         mask = self._check_inputs(input_ids, attention_mask, batch_size)
         input_ids = input_ids.to(torch.long)
-        if output_logits and self.family.build_lm_head(self.config) is None:
+        if output_logits and not self._has_lm_head():
             raise InputError(
                 f"output_logits=True, but family {self.family.family_id!r} streams a stack "
                 f"without an LM head"
