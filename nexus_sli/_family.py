@@ -233,6 +233,15 @@ class ArchitectureFamily:
         """
         return (output, None) if role == "attention" else output
 
+    def adds_residual(self, config: Any, role: str) -> bool:
+        """Whether the family's module for ``role`` adds the residual itself.
+
+        Such modules are called as ``module(hidden_states, residual, ...)`` (BLOOM's attention
+        and MLP); a custom module replacing them returns only its own output and the engine
+        adds the residual.
+        """
+        return False
+
     def attention_is_causal(self, config: Any, layer_type: str = "decoder") -> bool:
         """Whether attention in stack ``layer_type`` is causal (for custom layers' masks)."""
         return layer_type != "encoder"

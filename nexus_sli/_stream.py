@@ -67,12 +67,14 @@ class CustomLayerAdapter(nn.Module):
         role: str,
         causal: bool,
         wrap: Callable[[str, torch.Tensor], Any] | None = None,
+        adds_residual: bool = False,
     ) -> None:
         super().__init__()
         self.inner = inner
         self.role = role
         self.causal = causal
         self.wrap = wrap
+        self.adds_residual = adds_residual
         self.context: LayerContext = {}
         params = inspect.signature(inner.forward).parameters
         var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -91,6 +93,9 @@ class CustomLayerAdapter(nn.Module):
         out = self.inner(hidden_states, **call)
         if isinstance(out, tuple | list):
             out = out[0]
+        if self.adds_residual:
+            residual = kwargs["residual"] if "residual" in kwargs else args[0]
+            out = out + residual
         return out if self.wrap is None else self.wrap(self.role, out)
 
 
@@ -320,7 +325,12 @@ def run_layer_major(
                 )
                 del tensors
                 layer, adapters = _wrap_custom(
-                    layer, overrides, roles, causal, functools.partial(family.custom_output, config)
+                    layer,
+                    overrides,
+                    roles,
+                    causal,
+                    functools.partial(family.custom_output, config),
+                    functools.partial(family.adds_residual, config),
                 )
                 layer.eval()
                 out: list[torch.Tensor] = []
@@ -388,6 +398,7 @@ def _wrap_custom(
     roles: Mapping[str, str],
     causal: bool,
     wrap: Callable[[str, torch.Tensor], Any],
+    adds_residual: Callable[[str], bool],
 ) -> tuple[nn.Module, list[CustomLayerAdapter]]:
     """Put each custom module (already filled with its weights) behind an adapter."""
     adapters: list[CustomLayerAdapter] = []
@@ -397,7 +408,7 @@ def _wrap_custom(
             whole = CustomLayerAdapter(layer, role, causal)
             return whole, [whole]
         parent, attr = _submodule_parent(layer, path)
-        adapter = CustomLayerAdapter(getattr(parent, attr), role, causal, wrap)
+        adapter = CustomLayerAdapter(getattr(parent, attr), role, causal, wrap, adds_residual(role))
         setattr(parent, attr, adapter)
         adapters.append(adapter)
     return layer, adapters

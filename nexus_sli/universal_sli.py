@@ -99,8 +99,9 @@ class UniversalSLIProcessor:
         self.family: ArchitectureFamily = self.registry.detect_family(
             raw, trust_remote_code=trust_remote_code
         )
+        # The attention implementation stays as the config says (None): each family picks what
+        # transformers' from_pretrained would, so results match the in-memory model.
         self.config = load_config(self.model_dir, trust_remote_code=trust_remote_code)
-        self.config._attn_implementation = "sdpa"
         self.checkpoint = SafetensorsCheckpoint(self.model_dir)
         self.device = torch.device(device)
         self.dtype = dtype if dtype is not None else self.checkpoint.dominant_dtype()

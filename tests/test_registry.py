@@ -218,7 +218,9 @@ def test_meta_build_failure_is_chained(registry: ArchitectureRegistry) -> None:
 
 
 def test_meta_build_must_return_module(registry: ArchitectureRegistry) -> None:
-    with pytest.raises(FactoryContractError, match=r"returned Tensor, expected a torch\.nn\.Module"):
+    with pytest.raises(
+        FactoryContractError, match=r"returned Tensor, expected a torch\.nn\.Module"
+    ):
         registry.register_custom_layer("generic_tensor", lambda c, i: torch.zeros(2))  # type: ignore[arg-type]
 
 

@@ -1,4 +1,5 @@
 # Minimal stubs for the part of tqdm nexus_sli uses.
+# ruff: noqa: N801 - the stub mirrors tqdm's own class name
 from typing import IO, Any
 
 class tqdm:
