@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ __all__ = [
 ]
 
 
+@runtime_checkable
 class TensorSource(Protocol):
     """Where tensors come from, by checkpoint name."""
 

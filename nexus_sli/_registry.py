@@ -314,36 +314,38 @@ class ArchitectureRegistry:
         probe_config: Any,
     ) -> None:
         check_layer_name(name)
-        new = LayerRegistration(name, factory, module, lineno, origin, validate)
         existing = self._current().layers.get(name)
         if existing is not None and not replace:
             if _same_factory(existing.factory, factory):
                 return
-            raise self._duplicate(existing, new)
+            raise self._duplicate(existing, name, factory, f"{module}:{lineno}")
         check_callable(name, factory)
         check_signature(name, factory)
         if validate:
             instantiate_on_meta(name, factory, probe_config)
+        new = LayerRegistration(name, factory, module, lineno, origin, validate)
 
         def commit(state: _State) -> None:
             current = state.layers.get(name)
             if current is not None and not replace:
                 if _same_factory(current.factory, factory):
                     return
-                raise self._duplicate(current, new)
+                raise self._duplicate(current, name, factory, new.registered_at)
             # Replacing keeps the name's place in registration order.
             state.layers[name] = new
 
         self._swap(commit)
 
     @staticmethod
-    def _duplicate(existing: LayerRegistration, new: LayerRegistration) -> DuplicateLayerError:
+    def _duplicate(
+        existing: LayerRegistration, name: str, factory: object, where: str
+    ) -> DuplicateLayerError:
         return DuplicateLayerError(
-            f"custom layer {new.name!r} is already registered: first at {existing.registered_at} "
-            f"(factory {existing.defined_at}), again at {new.registered_at} (factory "
-            f"{describe_callable(new.factory)}). Pass replace=True to replace it on purpose, "
+            f"custom layer {name!r} is already registered: first at {existing.registered_at} "
+            f"(factory {existing.defined_at}), again at {where} (factory "
+            f"{describe_callable(factory)}). Pass replace=True to replace it on purpose, "
             f"use registry.scoped() for a temporary override, or unregister_custom_layer("
-            f"{new.name!r}) first"
+            f"{name!r}) first"
         )
 
     @beartype(conf=CONF)

@@ -5,8 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from beartype import BeartypeConf
+from beartype.claw import beartype_package
 
-from nexus_sli import ArchitectureRegistry, get_registry
+# The whole suite runs with beartype checking every annotated function of the package (before
+# the package is imported), not only the public API that is always checked.
+beartype_package("nexus_sli", conf=BeartypeConf(claw_skip_package_names=("nexus_sli.demo",)))
+
+from nexus_sli import ArchitectureRegistry, get_registry  # noqa: E402
 
 
 @pytest.fixture
