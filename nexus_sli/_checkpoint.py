@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from collections.abc import Collection, Iterator
 from pathlib import Path
@@ -79,6 +80,7 @@ class SafetensorsCheckpoint:
         self._where: dict[str, Path] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._dtypes: dict[str, torch.dtype] = {}
+        self._spans: dict[str, tuple[int, int]] = {}
         self.bytes_read = 0
         self._scan()
 
@@ -157,13 +159,17 @@ class SafetensorsCheckpoint:
 
     def _check_size(self, path: Path) -> None:
         # safe_open maps the file lazily; a truncated file is found here, before any read.
+        # The byte span of every tensor is kept so reads go straight into their tensor.
         with path.open("rb") as fh:
             header_len = int.from_bytes(fh.read(8), "little")
             header = json.loads(fh.read(header_len))
-        end = max(
-            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
-            default=0,
-        )
+        end = 0
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            begin, stop = (int(x) for x in info["data_offsets"])
+            self._spans[key] = (8 + header_len + begin, 8 + header_len + stop)
+            end = max(end, stop)
         size = os.path.getsize(path)
         if 8 + header_len + end > size:
             raise CheckpointError(
@@ -185,34 +191,63 @@ class SafetensorsCheckpoint:
         return str(self._where[name])
 
     def get(self, name: str) -> torch.Tensor:
-        path = self._where[name]
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                tensor: torch.Tensor = handle.get_tensor(name)
-        except Exception as exc:
-            raise CheckpointError(
-                f"reading tensor {name!r} from {str(path)!r} failed: {type(exc).__name__}: {exc}"
-            ) from exc
-        self.bytes_read += tensor.numel() * tensor.element_size()
-        return tensor
+        return self.get_many([name])[name]
 
     def get_many(self, names: Collection[str]) -> dict[str, torch.Tensor]:
-        """Read several tensors, opening each file once."""
+        """Read tensors straight from their files into fresh tensors (no mmap, one copy).
+
+        Each file is opened once; tensors are read in file order with ``readinto``, so the
+        only memory a read takes is the tensor itself.
+        """
         by_file: dict[Path, list[str]] = {}
         for name in names:
             by_file.setdefault(self._where[name], []).append(name)
         out: dict[str, torch.Tensor] = {}
         for path, group in by_file.items():
+            group.sort(key=lambda n: self._spans[n][0])
             try:
-                with safe_open(str(path), framework="pt") as handle:
+                with path.open("rb", buffering=0) as fh:
                     for name in group:
-                        out[name] = handle.get_tensor(name)
-                        self.bytes_read += out[name].numel() * out[name].element_size()
-            except Exception as exc:
+                        out[name] = self._read_into(fh, name, path)
+            except CheckpointError:
+                raise
+            except OSError as exc:
                 raise CheckpointError(
-                    f"reading tensors from {str(path)!r} failed: {type(exc).__name__}: {exc}"
+                    f"reading tensors from {str(path)!r} failed: {exc.strerror or exc}"
                 ) from exc
         return out
+
+    def _read_into(self, fh: Any, name: str, path: Path) -> torch.Tensor:
+        begin, end = self._spans[name]
+        dtype = self._dtypes[name]
+        shape = self._shapes[name]
+        size = end - begin
+        expected = dtype.itemsize * int(torch.Size(shape).numel())
+        if size != expected:
+            raise CheckpointError(
+                f"tensor {name!r} in {str(path)!r} spans {size} bytes, but {list(shape)} of "
+                f"{dtype} needs {expected}"
+            )
+        # An anonymous mapping per tensor: freeing the tensor unmaps it, so the process's memory
+        # follows what is alive instead of what the allocator kept from earlier layers.
+        region = mmap.mmap(-1, max(size, 1))
+        view = memoryview(region)[:size]
+        fh.seek(begin)
+        done = 0
+        while done < size:
+            n = fh.readinto(view[done:])
+            if not n:
+                raise CheckpointError(
+                    f"tensor {name!r} in {str(path)!r} ends early: read {done} of {size} bytes "
+                    f"(the file is truncated or changed while streaming)"
+                )
+            done += n
+        self.bytes_read += size
+        view.release()
+        if size == 0:
+            return torch.empty(shape, dtype=dtype)
+        buffer = torch.frombuffer(region, dtype=torch.uint8, count=size)
+        return buffer.view(dtype).reshape(shape)
 
     def files(self) -> Iterator[Path]:
         yield from sorted(set(self._where.values()))

@@ -108,7 +108,9 @@ class ArchitectureFamily:
     def layer_roles(self, config: Any, layer_type: str = "decoder") -> Mapping[str, str]:
         """Named roles inside one layer mapped to submodule paths (``""`` is the layer itself).
 
-        Built-in families map at least ``layer``, ``attention`` and ``mlp``.
+        Built-in families map ``layer`` and ``attention`` (Mamba: the sequence mixer), and
+        ``mlp`` wherever the layer holds its feed-forward in one submodule (not OPT, whose
+        ``fc1``/``fc2`` are the roles ``mlp_in``/``mlp_out``; not Mamba, which has none).
         """
         return {"layer": ""}
 

@@ -57,9 +57,13 @@ def _fsync_dir(path: Path) -> None:
 class ActivationStore:
     """Per-layer activations of one run, in one directory, held under a lock file."""
 
-    def __init__(self, directory: Path, manifest: dict[str, Any], *, resume: bool) -> None:
+    def __init__(
+        self, directory: Path, manifest: dict[str, Any], *, resume: bool, durable: bool = True
+    ) -> None:
         self.directory = directory
         self.manifest = manifest
+        #: fsync every file and the directory (off for throw-away temporary directories).
+        self.durable = durable
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -160,9 +164,11 @@ class ActivationStore:
             with tmp.open("wb") as fh:
                 fh.write(data)
                 fh.flush()
-                os.fsync(fh.fileno())
+                if self.durable:
+                    os.fsync(fh.fileno())
             os.replace(tmp, path)
-            _fsync_dir(self.directory)
+            if self.durable:
+                _fsync_dir(self.directory)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -189,10 +195,12 @@ class ActivationStore:
         metadata = {"inputs": str(self.manifest["inputs"]), "layer": str(layer)}
         try:
             save_file({"hidden_states": hidden.contiguous()}, str(tmp), metadata=metadata)
-            with tmp.open("rb+") as fh:
-                os.fsync(fh.fileno())
+            if self.durable:
+                with tmp.open("rb+") as fh:
+                    os.fsync(fh.fileno())
             os.replace(tmp, path)
-            _fsync_dir(self.directory)
+            if self.durable:
+                _fsync_dir(self.directory)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()

@@ -299,6 +299,10 @@ def run_layer_major(
             progress(start)
 
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexus-sli-prefetch")
+        # Activations are written in the background while the next layer computes; a write is
+        # always finished (or failed) before the next one starts, so files appear in order.
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexus-sli-writer")
+        writing: Future[None] | None = None
 
         def read(idx: int) -> dict[str, torch.Tensor]:
             return _read_tensors(source, plan.layer_maps[idx].values())
@@ -347,7 +351,9 @@ def run_layer_major(
                 del layer, adapters
                 t2 = time.perf_counter()
                 if store is not None:
-                    store.save(idx, torch.cat(chunks))
+                    if writing is not None:
+                        writing.result()
+                    writing = writer.submit(store.save, idx, torch.cat(chunks))
                 elif output_hidden_states and idx < n_layers - 1:
                     kept.append(torch.cat(chunks))
                 t3 = time.perf_counter()
@@ -358,10 +364,13 @@ def run_layer_major(
                 stats.timeline.append((idx, t1 - t0, t2 - t1, t3 - t2))
                 if progress is not None:
                     progress(1)
+            if writing is not None:
+                writing.result()
         finally:
             if pending is not None:
                 pending.cancel()
             pool.shutdown(wait=True)
+            writer.shutdown(wait=True)
 
         final = _build(lambda: family.build_final(config, stack))
         fill_module(final, plan.final_map, source, dtype=dtype, device=device, what="final norm")

@@ -218,7 +218,9 @@ class UniversalSLIProcessor:
         if directory is None:
             temp = tempfile.mkdtemp(prefix="nexus-sli-")
             directory = Path(temp)
-        store = ActivationStore(directory, self._manifest(input_ids, mask), resume=resume)
+        store = ActivationStore(
+            directory, self._manifest(input_ids, mask), resume=resume, durable=temp is None
+        )
         bar: Any = None
         try:
             show = self.progress if self.progress is not None else sys.stderr.isatty()
