@@ -317,3 +317,68 @@ def test_peak_memory_about_two_layers(tmp_path: Path) -> None:
     growth = peak - before
     model_bytes = 8 * layer_bytes
     assert growth < 3 * layer_bytes, (growth / 2**20, layer_bytes / 2**20, model_bytes / 2**20)
+
+
+def _save_word_level_tokenizer(path: Path, vocab_size: int, padding_side: str) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({f"w{i}": i for i in range(4, vocab_size)})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side=padding_side,
+    )
+    tokenizer.save_pretrained(path)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_run_texts_pads_as_the_tokenizer_says(tmp_path: Path, side: str) -> None:
+    path = save_llama(tmp_path / "ckpt")
+    _save_word_level_tokenizer(path, 128, side)
+    texts = ["w5 w6 w7 w8 w9", "w10 w11", "w12 w13 w14"]
+    proc = UniversalSLIProcessor(path, progress=False)
+    result = proc.run_texts(texts, batch_size=2, output_logits=True)
+    mask = result.attention_mask
+    assert mask.shape == (3, 5)
+    if side == "left":
+        assert mask[1].tolist() == [0, 0, 0, 1, 1]
+    else:
+        assert mask[1].tolist() == [1, 1, 0, 0, 0]
+    from transformers import AutoTokenizer
+
+    encoded = AutoTokenizer.from_pretrained(path)(texts, return_tensors="pt", padding=True)
+    expected = oracle(path, encoded["input_ids"], encoded["attention_mask"])
+    assert_close_masked(result.last_hidden_state, expected.hidden_states[-1], mask)
+    assert result.logits is not None
+    assert_close_masked(result.logits, expected.logits, mask)
+    with pytest.raises(InputError, match="single string"):
+        proc.run_texts("w5 w6")
+
+
+def test_run_texts_without_tokenizer(tmp_path: Path) -> None:
+    path = save_llama(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="no usable tokenizer"):
+        UniversalSLIProcessor(path, progress=False).run_texts(["w5"])
+
+
+def test_bfloat16_checkpoint_keeps_its_dtype(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    path = save_llama(tmp_path / "fp32")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    ids, mask = padded_batch(128, left=False)
+    got = UniversalSLIProcessor(tmp_path / "bf16", progress=False).run(ids, mask)
+    assert got.last_hidden_state.dtype == torch.bfloat16
+    want = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    with torch.no_grad():
+        ref = want(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    keep = mask.bool()
+    torch.testing.assert_close(got.last_hidden_state[keep], ref[keep], rtol=2e-2, atol=2e-2)
