@@ -269,40 +269,38 @@ def run_layer_major(
         stem = plan.stem()
         fill_module(stem, plan.stem_map, source, dtype=dtype, device=device, what="embeddings")
         stem.eval()
-        chunks: list[torch.Tensor] = []
+        embedded: list[torch.Tensor] = []
         contexts: list[LayerContext] = []
         for s, e in bounds:
-            hidden, ctx = family.embed(
+            chunk, ctx = family.embed(
                 config, stem, input_ids[s:e].to(device), attention_mask[s:e].to(device), stack
             )
             ctx["_padding_mask"] = attention_mask[s:e].to(device)
-            chunks.append(hidden)
+            embedded.append(chunk)
             contexts.append(ctx)
         del stem
         gc.collect()
-        full_shape = (n, *chunks[0].shape[1:])
+        # One activation buffer for the whole batch, updated in place micro-batch by
+        # micro-batch: a micro-batch's input is dead once its output exists.
+        hidden = torch.cat(embedded)
+        del embedded
         start = 0
         if store is not None:
-            last = store.last_complete(n_layers, full_shape)
+            last = store.last_complete(n_layers, tuple(hidden.shape))
             if last >= -1:
                 start = last + 1
                 stats.layers_resumed = start
                 if last >= 0:
-                    stored = store.load(last).to(device)
-                    chunks = [stored[s:e] for s, e in bounds]
+                    hidden = store.load(last).to(device)
             else:
-                store.save(-1, torch.cat(chunks))
+                store.save(-1, hidden)
         kept: list[torch.Tensor] = []
         if output_hidden_states and store is None:
-            kept.append(torch.cat(chunks))
+            kept.append(hidden.clone())
         if progress is not None and start:
             progress(start)
 
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexus-sli-prefetch")
-        # Activations are written in the background while the next layer computes; a write is
-        # always finished (or failed) before the next one starts, so files appear in order.
-        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexus-sli-writer")
-        writing: Future[None] | None = None
 
         def read(idx: int) -> dict[str, torch.Tensor]:
             return _read_tensors(source, plan.layer_maps[idx].values())
@@ -337,25 +335,29 @@ def run_layer_major(
                     functools.partial(family.adds_residual, config),
                 )
                 layer.eval()
-                out: list[torch.Tensor] = []
-                for hidden, ctx in zip(chunks, contexts, strict=True):
+                target = hidden
+                for i, ((s, e), ctx) in enumerate(zip(bounds, contexts, strict=True)):
                     for adapter in adapters:
                         adapter.context = ctx
                     if isinstance(layer, CustomLayerAdapter):
-                        out.append(layer(hidden))
+                        out = layer(hidden[s:e])
                     else:
-                        out.append(family.call_layer(config, layer, hidden, ctx, idx, stack))
-                chunks = out
+                        out = family.call_layer(config, layer, hidden[s:e], ctx, idx, stack)
+                    if i == 0 and (out.dtype != hidden.dtype or out.shape[1:] != hidden.shape[1:]):
+                        target = torch.empty(
+                            (n, *out.shape[1:]), dtype=out.dtype, device=out.device
+                        )
+                    target[s:e] = out
+                    del out
+                hidden = target
                 for adapter in adapters:
                     adapter.context = {}
-                del layer, adapters
+                del layer, adapters, target
                 t2 = time.perf_counter()
                 if store is not None:
-                    if writing is not None:
-                        writing.result()
-                    writing = writer.submit(store.save, idx, torch.cat(chunks))
+                    store.save(idx, hidden)
                 elif output_hidden_states and idx < n_layers - 1:
-                    kept.append(torch.cat(chunks))
+                    kept.append(hidden.clone())
                 t3 = time.perf_counter()
                 stats.read_wait += t1 - t0
                 stats.compute += t2 - t1
@@ -364,24 +366,21 @@ def run_layer_major(
                 stats.timeline.append((idx, t1 - t0, t2 - t1, t3 - t2))
                 if progress is not None:
                     progress(1)
-            if writing is not None:
-                writing.result()
         finally:
             if pending is not None:
                 pending.cancel()
             pool.shutdown(wait=True)
-            writer.shutdown(wait=True)
 
         final = _build(lambda: family.build_final(config, stack))
         fill_module(final, plan.final_map, source, dtype=dtype, device=device, what="final norm")
         final.eval()
         last_hidden = torch.cat(
             [
-                family.finish(config, final, h, ctx, stack)
-                for h, ctx in zip(chunks, contexts, strict=True)
+                family.finish(config, final, hidden[s:e], ctx, stack)
+                for (s, e), ctx in zip(bounds, contexts, strict=True)
             ]
         )
-        del final, chunks
+        del final, hidden
         hidden_states: tuple[torch.Tensor, ...] | None = None
         if output_hidden_states:
             if store is not None:
