@@ -30,17 +30,24 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Collection, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers.activations import gelu
-from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
-from transformers.models.bert import modeling_bert
-from transformers.models.roberta import modeling_roberta
 
 from .._family import ArchitectureFamily, LayerContext
+from ._lazy import lazy_module
+
+if TYPE_CHECKING:
+    from transformers import activations, masking_utils
+    from transformers.models.bert import modeling_bert
+    from transformers.models.roberta import modeling_roberta
+else:
+    activations = lazy_module("transformers.activations")
+    masking_utils = lazy_module("transformers.masking_utils")
+    modeling_bert = lazy_module("transformers.models.bert.modeling_bert")
+    modeling_roberta = lazy_module("transformers.models.roberta.modeling_roberta")
 
 __all__ = ["FAMILIES", "BertFamily", "RobertaFamily"]
 
@@ -135,7 +142,7 @@ class _RobertaMaskedLMHead(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         head = self.lm_head
         # RobertaLMHead.forward: dense -> gelu -> layer_norm -> decoder (+ bias).
-        x = head.layer_norm(gelu(head.dense(hidden_states)))
+        x = head.layer_norm(activations.gelu(head.dense(hidden_states)))
         bias = head.decoder.bias if head.decoder.bias is not None else head.bias
         return F.linear(x, head.decoder.weight, bias)
 
@@ -155,13 +162,16 @@ class _BertLikeFamily(ArchitectureFamily):
 
     layer_paths: ClassVar[Mapping[str, str]] = {"encoder": "encoder.layer.{idx}"}
 
-    _embeddings_cls: ClassVar[type[nn.Module]]
-    _layer_cls: ClassVar[type[nn.Module]]
+    def _embeddings_cls(self) -> type[nn.Module]:
+        return modeling_bert.BertEmbeddings
+
+    def _layer_cls(self) -> type[nn.Module]:
+        return modeling_bert.BertLayer
 
     # ------------------------------------------------------------------ seed API
     def create_layer(self, config: Any, layer_idx: int, layer_type: str = "encoder") -> nn.Module:
         self.get_layer_prefix(layer_idx, layer_type)  # validates layer_type
-        return self._layer_cls(_attn_config(config), layer_idx=layer_idx)
+        return self._layer_cls()(_attn_config(config), layer_idx=layer_idx)
 
     def get_layer_prefix(
         self, layer_idx: int, layer_type: str = "encoder", *, model_prefix: str | None = None
@@ -201,7 +211,7 @@ class _BertLikeFamily(ArchitectureFamily):
     def build_stem(self, config: Any, layer_type: str = "encoder") -> nn.Module:
         # eval(): the embeddings end in a dropout, which must be the identity as in the
         # in-memory model (run_in_memory puts only the layers in eval mode).
-        return _Stem(self._embeddings_cls(config)).eval()
+        return _Stem(self._embeddings_cls()(config)).eval()
 
     def stem_tensor_names(
         self,
@@ -232,14 +242,14 @@ class _BertLikeFamily(ArchitectureFamily):
         """``BertModel._create_attention_masks`` for the self-attention mask."""
         mask_config = _attn_config(config)
         if getattr(config, "is_decoder", False):
-            return create_causal_mask(
+            return masking_utils.create_causal_mask(
                 config=mask_config,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 cache=None,
                 position_ids=None,
             )
-        return create_bidirectional_mask(
+        return masking_utils.create_bidirectional_mask(
             config=mask_config, inputs_embeds=inputs_embeds, attention_mask=attention_mask
         )
 
@@ -324,8 +334,6 @@ class BertFamily(_BertLikeFamily):
         r"^classifier\.(?:weight|bias)$",  # sequence / token classification heads
         r"^qa_outputs\.(?:weight|bias)$",  # question answering head
     )
-    _embeddings_cls = modeling_bert.BertEmbeddings
-    _layer_cls = modeling_bert.BertLayer
 
     def lm_head_tensor_names(
         self, config: Any, *, model_prefix: str | None = None
@@ -399,8 +407,12 @@ class RobertaFamily(_BertLikeFamily):
         r"^classifier\.(?:weight|bias)$",  # token classification / multiple choice heads
         r"^qa_outputs\.(?:weight|bias)$",  # question answering head
     )
-    _embeddings_cls = modeling_roberta.RobertaEmbeddings
-    _layer_cls = modeling_roberta.RobertaLayer
+
+    def _embeddings_cls(self) -> type[nn.Module]:
+        return modeling_roberta.RobertaEmbeddings
+
+    def _layer_cls(self) -> type[nn.Module]:
+        return modeling_roberta.RobertaLayer
 
     def lm_head_tensor_names(
         self, config: Any, *, model_prefix: str | None = None

@@ -23,20 +23,29 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask
-from transformers.models.bloom import modeling_bloom
-from transformers.models.falcon import modeling_falcon
-from transformers.models.gpt2 import modeling_gpt2
-from transformers.models.gptj import modeling_gptj
 
 from .._family import ArchitectureFamily, LayerContext
 from ..errors import UnsupportedArchitectureError
+from ._lazy import lazy_module
+
+if TYPE_CHECKING:
+    from transformers import masking_utils
+    from transformers.models.bloom import modeling_bloom
+    from transformers.models.falcon import modeling_falcon
+    from transformers.models.gpt2 import modeling_gpt2
+    from transformers.models.gptj import modeling_gptj
+else:
+    masking_utils = lazy_module("transformers.masking_utils")
+    modeling_bloom = lazy_module("transformers.models.bloom.modeling_bloom")
+    modeling_falcon = lazy_module("transformers.models.falcon.modeling_falcon")
+    modeling_gpt2 = lazy_module("transformers.models.gpt2.modeling_gpt2")
+    modeling_gptj = lazy_module("transformers.models.gptj.modeling_gptj")
 
 __all__ = ["FAMILIES", "GPTFamily"]
 
@@ -98,7 +107,7 @@ def check_model_type(family: ArchitectureFamily, config: Any) -> str:
 class _TypeSpec:
     """What differs between the model types of :class:`GPTFamily`."""
 
-    layer_cls: type[nn.Module]
+    layer_cls: Callable[[], type[nn.Module]]  # resolved on use: the modelling code loads lazily
     attention: str
     token_embedding: str
     embeddings: tuple[str, ...]
@@ -109,7 +118,7 @@ class _TypeSpec:
 
 _SPECS: dict[str, _TypeSpec] = {
     "gpt2": _TypeSpec(
-        layer_cls=modeling_gpt2.GPT2Block,
+        layer_cls=lambda: modeling_gpt2.GPT2Block,
         attention="attn",
         token_embedding="wte.weight",
         embeddings=("wte.weight", "wpe.weight"),
@@ -117,7 +126,7 @@ _SPECS: dict[str, _TypeSpec] = {
         lm_head_bias=False,
     ),
     "gptj": _TypeSpec(
-        layer_cls=modeling_gptj.GPTJBlock,
+        layer_cls=lambda: modeling_gptj.GPTJBlock,
         attention="attn",
         token_embedding="wte.weight",
         embeddings=("wte.weight",),
@@ -125,7 +134,7 @@ _SPECS: dict[str, _TypeSpec] = {
         lm_head_bias=True,
     ),
     "falcon": _TypeSpec(
-        layer_cls=modeling_falcon.FalconDecoderLayer,
+        layer_cls=lambda: modeling_falcon.FalconDecoderLayer,
         attention="self_attention",
         token_embedding="word_embeddings.weight",
         embeddings=("word_embeddings.weight",),
@@ -133,7 +142,7 @@ _SPECS: dict[str, _TypeSpec] = {
         lm_head_bias=False,
     ),
     "bloom": _TypeSpec(
-        layer_cls=modeling_bloom.BloomBlock,
+        layer_cls=lambda: modeling_bloom.BloomBlock,
         attention="self_attention",
         token_embedding="word_embeddings.weight",
         embeddings=(
@@ -203,7 +212,7 @@ class GPTFamily(ArchitectureFamily):
     def create_layer(self, config: Any, layer_idx: int, layer_type: str = "decoder") -> nn.Module:
         self.get_layer_prefix(layer_idx, layer_type)  # validates layer_type
         spec = self._spec(config)
-        return spec.layer_cls(self._attn(config), layer_idx=layer_idx)
+        return spec.layer_cls()(self._attn(config), layer_idx=layer_idx)
 
     # ------------------------------------------------------------------ structure
     def layer_roles(self, config: Any, layer_type: str = "decoder") -> Mapping[str, str]:
@@ -275,7 +284,7 @@ class GPTFamily(ArchitectureFamily):
             alibi = modeling_bloom.build_alibi_tensor(
                 attention_mask.to(hidden.device), config.n_head, dtype=hidden.dtype
             )
-            mask = create_causal_mask(
+            mask = masking_utils.create_causal_mask(
                 config=mask_config,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
@@ -285,7 +294,7 @@ class GPTFamily(ArchitectureFamily):
         position_ids = arange_positions(seq, inputs_embeds.device)
         if model_type == "gpt2":
             hidden = inputs_embeds + sub(stem, "wpe")(position_ids).to(inputs_embeds.device)
-            mask = create_causal_mask(
+            mask = masking_utils.create_causal_mask(
                 config=mask_config,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask.view(batch, -1),
@@ -294,7 +303,7 @@ class GPTFamily(ArchitectureFamily):
             )
             return hidden, {"attention_mask": mask, "position_ids": position_ids}
         if model_type == "gptj":
-            mask = create_causal_mask(
+            mask = masking_utils.create_causal_mask(
                 config=mask_config,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
@@ -329,7 +338,7 @@ class GPTFamily(ArchitectureFamily):
     ) -> torch.Tensor | None:
         """FalconModel.forward's mask: causal (never skipped), plus ALiBi when ``config.alibi``."""
         batch, seq = inputs_embeds.shape[:2]
-        causal_mask: torch.Tensor | None = create_causal_mask(
+        causal_mask: torch.Tensor | None = masking_utils.create_causal_mask(
             config=mask_config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -408,7 +417,7 @@ class GPTFamily(ArchitectureFamily):
         if model_type == "bloom":
             ones = torch.ones((batch, seq), device=device, dtype=torch.long)
             alibi = modeling_bloom.build_alibi_tensor(ones, config.n_head, dtype=dtype)
-            mask = create_causal_mask(
+            mask = masking_utils.create_causal_mask(
                 config=mask_config, inputs_embeds=dummy, attention_mask=None, cache=None
             )
             return {"attention_mask": mask, "alibi": alibi}
@@ -417,7 +426,7 @@ class GPTFamily(ArchitectureFamily):
         if model_type == "falcon":
             context["attention_mask"] = self._falcon_mask(config, mask_config, dummy, None, None)
         else:
-            context["attention_mask"] = create_causal_mask(
+            context["attention_mask"] = masking_utils.create_causal_mask(
                 config=mask_config, inputs_embeds=dummy, attention_mask=None, cache=None
             )
         if model_type == "gptj" or (model_type == "falcon" and not config.alibi):

@@ -9,15 +9,21 @@ both names are accepted.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask
-from transformers.models.gpt_neox import modeling_gpt_neox
 
 from .._family import ArchitectureFamily, LayerContext
+from ._lazy import lazy_module
 from .gpt import LMHead, arange_positions, attn_config, check_model_type, sub
+
+if TYPE_CHECKING:
+    from transformers import masking_utils
+    from transformers.models.gpt_neox import modeling_gpt_neox
+else:
+    masking_utils = lazy_module("transformers.masking_utils")
+    modeling_gpt_neox = lazy_module("transformers.models.gpt_neox.modeling_gpt_neox")
 
 __all__ = ["FAMILIES", "GPTNeoXFamily"]
 
@@ -95,7 +101,7 @@ class GPTNeoXFamily(ArchitectureFamily):
     ) -> tuple[torch.Tensor, LayerContext]:
         inputs_embeds: torch.Tensor = sub(stem, "embed_in")(input_ids)
         position_ids = arange_positions(inputs_embeds.shape[1], inputs_embeds.device)
-        mask = create_causal_mask(
+        mask = masking_utils.create_causal_mask(
             config=self._attn(config),
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -141,7 +147,7 @@ class GPTNeoXFamily(ArchitectureFamily):
         position_ids = arange_positions(seq, device)
         with torch.device(device):
             rotary = modeling_gpt_neox.GPTNeoXRotaryEmbedding(config=config)
-        mask = create_causal_mask(
+        mask = masking_utils.create_causal_mask(
             config=self._attn(config), inputs_embeds=dummy, attention_mask=None, cache=None
         )
         return {

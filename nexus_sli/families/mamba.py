@@ -18,13 +18,18 @@ norm_f(out_{N-1}))``; both end with ``last_hidden_state``.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
-from transformers.models.mamba import modeling_mamba
 
 from .._family import ArchitectureFamily, LayerContext
+from ._lazy import lazy_module
+
+if TYPE_CHECKING:
+    from transformers.models.mamba import modeling_mamba
+else:
+    modeling_mamba = lazy_module("transformers.models.mamba.modeling_mamba")
 
 __all__ = ["FAMILIES", "MambaFamily"]
 

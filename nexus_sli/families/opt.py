@@ -13,15 +13,21 @@ The final module holds ``decoder.final_layer_norm`` (when ``do_layer_norm_before
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask
-from transformers.models.opt import modeling_opt
 
 from .._family import ArchitectureFamily, LayerContext
+from ._lazy import lazy_module
 from .gpt import LMHead, attn_config, check_model_type, sub
+
+if TYPE_CHECKING:
+    from transformers import masking_utils
+    from transformers.models.opt import modeling_opt
+else:
+    masking_utils = lazy_module("transformers.masking_utils")
+    modeling_opt = lazy_module("transformers.models.opt.modeling_opt")
 
 __all__ = ["FAMILIES", "OPTFamily"]
 
@@ -134,7 +140,7 @@ class OPTFamily(ArchitectureFamily):
         # OPTDecoder.forward without cache: positions counted over the attended tokens.
         position_ids = torch.cumsum(attention_mask, dim=1)
         position_ids = (position_ids * attention_mask - 1).long()
-        mask = create_causal_mask(
+        mask = masking_utils.create_causal_mask(
             config=self._attn(config),
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -175,7 +181,7 @@ class OPTFamily(ArchitectureFamily):
     ) -> LayerContext:
         dummy = torch.empty((batch, seq, int(config.hidden_size)), device=device, dtype=dtype)
         position_ids = torch.arange(seq, device=device).unsqueeze(0).expand(batch, -1)
-        mask = create_causal_mask(
+        mask = masking_utils.create_causal_mask(
             config=self._attn(config), inputs_embeds=dummy, attention_mask=None, cache=None
         )
         return {"attention_mask": mask, "position_ids": position_ids}

@@ -29,14 +29,20 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Collection, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_bidirectional_mask
-from transformers.models.t5 import modeling_t5
 
 from .._family import ArchitectureFamily, LayerContext
+from ._lazy import lazy_module
+
+if TYPE_CHECKING:
+    from transformers import masking_utils
+    from transformers.models.t5 import modeling_t5
+else:
+    masking_utils = lazy_module("transformers.masking_utils")
+    modeling_t5 = lazy_module("transformers.models.t5.modeling_t5")
 
 __all__ = ["FAMILIES", "T5Family"]
 
@@ -245,7 +251,7 @@ class T5Family(ArchitectureFamily):
         _streaming_only_encoder(layer_type)
         assert isinstance(stem, _T5EncoderStem)
         inputs_embeds: torch.Tensor = stem.embed_tokens(input_ids)
-        mask = create_bidirectional_mask(
+        mask = masking_utils.create_bidirectional_mask(
             config=self._stack_config(config, "encoder"),
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
