@@ -40,7 +40,7 @@ def read_config_dict(model_dir: Path) -> dict[str, Any]:
         )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{str(path)!r} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise CheckpointError(f"{str(path)!r} must hold a JSON object, got {type(data).__name__}")
@@ -102,7 +102,7 @@ class SafetensorsCheckpoint:
                         f"index {str(index_path)!r} names {name!r}, which is not a safetensors "
                         f"file beside it"
                     )
-                if not (self.model_dir / name).is_file():
+                if not (self.model_dir / name).is_file():  # regular files only (no FIFO)
                     raise CheckpointError(
                         f"index {str(index_path)!r} names shard {name!r}, which is missing from "
                         f"{str(self.model_dir)!r}"
@@ -111,6 +111,12 @@ class SafetensorsCheckpoint:
             return [self.model_dir / name for name in files]
         self._index = {}
         files_found = sorted(self.model_dir.glob("*.safetensors"))
+        for found in files_found:
+            if not found.is_file():
+                raise CheckpointError(
+                    f"{str(found)!r} is not a regular file (a directory, FIFO or device); "
+                    f"checkpoint weights must be plain safetensors files"
+                )
         if not files_found:
             pickles = sorted(
                 p.name for p in self.model_dir.iterdir() if p.suffix in _PICKLE_SUFFIXES

@@ -44,6 +44,10 @@ class TensorSource(Protocol):
         """Shape of a tensor, without reading it."""
         ...
 
+    def dtype(self, name: str) -> torch.dtype:
+        """Dtype of a tensor, without reading it."""
+        ...
+
     def where(self, name: str) -> str:
         """The file a tensor lives in, for error messages."""
         ...
@@ -64,6 +68,9 @@ class DictSource:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._tensors[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._tensors[name].dtype
 
     def where(self, name: str) -> str:
         return self._label

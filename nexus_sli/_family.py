@@ -235,6 +235,10 @@ class ArchitectureFamily:
         """
         return (output, None) if role == "attention" else output
 
+    def max_sequence_length(self, config: Any) -> int | None:
+        """Longest sequence the checkpoint can embed (a learned position table), else None."""
+        return None
+
     def adds_residual(self, config: Any, role: str) -> bool:
         """Whether the family's module for ``role`` adds the residual itself.
 

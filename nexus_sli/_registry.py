@@ -195,6 +195,7 @@ class ArchitectureRegistry:
     _scope_var: ContextVar[_State | None]
     _lock: threading.RLock
     _plugins_pending: bool
+    _plugins_loading: bool
 
     def __new__(cls) -> ArchitectureRegistry:
         shared = cls._shared
@@ -217,6 +218,7 @@ class ArchitectureRegistry:
         self._scope_var = ContextVar(f"nexus_sli_registry_scope_{id(self)}", default=None)
         self._lock = threading.RLock()
         self._plugins_pending = True
+        self._plugins_loading = False
         from .families import builtin_families
 
         for family in builtin_families():
@@ -432,11 +434,13 @@ class ArchitectureRegistry:
     def _load_pending_plugins(self) -> list[PluginLoadError]:
         if not self._plugins_pending:
             return []
+        # Under the (re-entrant) lock for the whole load: a lookup in another thread waits
+        # for the plugins instead of missing a layer one of them provides.
         with self._lock:
-            if not self._plugins_pending:
-                return []
-            self._plugins_pending = False
-        return [err for err in self.load_plugins().values() if err is not None]
+            if not self._plugins_pending or self._plugins_loading:
+                return []  # done meanwhile, or a plugin of this very load looking something up
+            report = self.load_plugins()
+        return [err for err in report.values() if err is not None]
 
     def load_plugins(self) -> dict[str, PluginLoadError | None]:
         """Load every ``nexus_sli.layers`` entry point; report each one's outcome.
@@ -445,7 +449,15 @@ class ArchitectureRegistry:
         other object is registered as a factory under the entry point's name, validated like
         any registration. A failing plugin is reported by name and does not stop the others.
         """
-        self._plugins_pending = False
+        with self._lock:
+            self._plugins_loading = True
+            try:
+                return self._load_plugins()
+            finally:
+                self._plugins_loading = False
+                self._plugins_pending = False
+
+    def _load_plugins(self) -> dict[str, PluginLoadError | None]:
         report: dict[str, PluginLoadError | None] = {}
         for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP):
             dist = ep.dist.name if ep.dist is not None else "?"

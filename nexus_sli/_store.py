@@ -3,7 +3,7 @@
 Layout of an activation directory::
 
     manifest.json              what the activations are for (checkpoint + inputs fingerprints)
-    .lock                      held by the process streaming into the directory
+    .lock                      flock-ed by the process streaming into the directory
     embeddings.safetensors     hidden states after the embeddings
     layer_00000.safetensors    hidden states after layer 0, ...
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
@@ -24,25 +25,21 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import ActivationStoreError, ResumeMismatchError
 
 __all__ = ["ActivationStore"]
 
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+}
+
 FORMAT = "nexus_sli.activations/1"
 _OWN = re.compile(r"(manifest\.json|\.lock|embeddings\.safetensors|layer_\d{5}\.safetensors)")
 _TMP = re.compile(r".+\.tmp-\d+")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _fsync_dir(path: Path) -> None:
@@ -66,13 +63,18 @@ class ActivationStore:
         self.durable = durable
         try:
             directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
+            code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise ActivationStoreError(
-                exc.errno or errno.EIO,
-                f"cannot create activation directory {str(directory)!r}: {exc.strerror or exc}",
+                code, f"cannot create activation directory {str(directory)!r}: {why}"
             ) from exc
+        if not directory.is_dir():
+            raise ActivationStoreError(
+                errno.ENOTDIR, f"activation directory {str(directory)!r} is not a directory"
+            )
         self._check_contents()
-        self._locked = False
+        self._lock_fd: int | None = None
         self._lock()
         try:
             self._open(resume)
@@ -93,29 +95,34 @@ class ActivationStore:
             )
 
     def _lock(self) -> None:
+        """Hold an exclusive ``flock`` on ``.lock`` for the whole run.
+
+        The kernel drops the lock when the process dies, so a killed run never leaves a stale
+        lock, and two runs (two processes, or two threads of one) can never both hold it.
+        """
         path = self.directory / ".lock"
-        for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as exc:
+            raise ActivationStoreError(
+                exc.errno or errno.EIO, f"cannot open the lock file {str(path)!r}: {exc.strerror}"
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    owner = int(path.read_text().strip() or "0")
-                except (OSError, ValueError):
-                    owner = 0
-                if owner and owner != os.getpid() and _pid_alive(owner):
-                    raise ActivationStoreError(
-                        errno.EBUSY,
-                        f"activation directory {str(self.directory)!r} is in use by process "
-                        f"{owner} (lock file {str(path)!r}); wait for it or use another directory",
-                    ) from None
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()  # stale lock of a dead process
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(str(os.getpid()))
-            self._locked = True
-            return
-        raise ActivationStoreError(errno.EBUSY, f"could not take the lock {str(path)!r}")
+                owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            finally:
+                os.close(fd)
+            raise ActivationStoreError(
+                errno.EBUSY,
+                f"activation directory {str(self.directory)!r} is in use by another run "
+                f"(process {owner}, lock file {str(path)!r}); wait for it or use another "
+                f"directory",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
 
     def _open(self, resume: bool) -> None:
         for tmp in self.directory.iterdir():
@@ -125,11 +132,18 @@ class ActivationStore:
         existing: dict[str, Any] | None = None
         if path.exists():
             try:
-                existing = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
+                loaded = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError, RecursionError) as exc:
                 raise ActivationStoreError(
                     errno.EIO, f"manifest {str(path)!r} is damaged: {exc}"
                 ) from exc
+            if not isinstance(loaded, dict):
+                raise ActivationStoreError(
+                    errno.EIO,
+                    f"manifest {str(path)!r} is damaged: it holds {type(loaded).__name__}, not "
+                    f"an object; nexus_sli did not write it. Remove the directory or use another",
+                )
+            existing = loaded
         if resume and existing is not None:
             for key in ("format", "checkpoint", "inputs", "run"):
                 if existing.get(key) != self.manifest.get(key):
@@ -151,11 +165,13 @@ class ActivationStore:
         self._write_bytes(path, json.dumps(self.manifest, indent=2, sort_keys=True).encode())
 
     def close(self) -> None:
-        """Release the lock."""
-        if self._locked:
-            with contextlib.suppress(FileNotFoundError):
-                (self.directory / ".lock").unlink()
-            self._locked = False
+        """Release the lock (the lock file stays; only the lock on it matters)."""
+        fd = getattr(self, "_lock_fd", None)
+        if fd is not None:
+            self._lock_fd = None
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     # ------------------------------------------------------------------ files
     def _write_bytes(self, path: Path, data: bytes) -> None:
@@ -189,14 +205,35 @@ class ActivationStore:
         )
 
     def save(self, layer: int, hidden: torch.Tensor) -> None:
-        """Store the hidden states after ``layer`` (-1: after the embeddings), atomically."""
+        """Store the hidden states after ``layer`` (-1: after the embeddings), atomically.
+
+        The safetensors file is written here, header then the tensor's bytes straight from its
+        memory (no serialised copy), to ``<name>.tmp-<pid>``, then renamed; a full disk is an
+        :class:`ActivationStoreError` with errno ``ENOSPC`` and leaves no file behind.
+        """
         path = self._name(layer)
+        tensor = hidden.detach().to("cpu").contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        header: dict[str, Any] = {
+            "__metadata__": {"inputs": str(self.manifest["inputs"]), "layer": str(layer)},
+            "hidden_states": {
+                "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+                "shape": list(tensor.shape),
+                "data_offsets": [0, nbytes],
+            },
+        }
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        raw = tensor.reshape(-1).view(torch.uint8).numpy() if nbytes else None
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        metadata = {"inputs": str(self.manifest["inputs"]), "layer": str(layer)}
         try:
-            save_file({"hidden_states": hidden.contiguous()}, str(tmp), metadata=metadata)
-            if self.durable:
-                with tmp.open("rb+") as fh:
+            with tmp.open("wb") as fh:
+                fh.write(len(encoded).to_bytes(8, "little"))
+                fh.write(encoded)
+                if raw is not None:
+                    fh.write(memoryview(raw))  # type: ignore[arg-type]
+                fh.flush()
+                if self.durable:
                     os.fsync(fh.fileno())
             os.replace(tmp, path)
             if self.durable:
@@ -205,11 +242,6 @@ class ActivationStore:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise self._write_error(path, exc) from exc
-        except Exception as exc:  # safetensors reports I/O errors as its own exception types
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            cause = exc if isinstance(exc, OSError) else OSError(errno.EIO, str(exc))
-            raise self._write_error(path, cause) from exc
 
     def load(self, layer: int) -> torch.Tensor:
         """The stored hidden states after ``layer``."""

@@ -24,7 +24,7 @@ from torch import nn
 from ._engine import TensorSource, fill_module, params_on_meta
 from ._family import ArchitectureFamily, LayerContext
 from ._store import ActivationStore
-from .errors import InputError, TensorMismatchError
+from .errors import CheckpointError, InputError, NexusSLIError, TensorMismatchError
 
 __all__ = ["CustomLayerAdapter", "RunStats", "StreamOutput", "run_layer_major"]
 
@@ -151,6 +151,13 @@ def _check_shapes(
                 f"{what}: tensor {name!r} in {source.where(name)} has shape "
                 f"{list(source.shape(name))}, expected {list(target.shape)}"
             )
+        stored = source.dtype(name)
+        if stored.is_floating_point != target.dtype.is_floating_point:
+            kind = "floating point" if target.dtype.is_floating_point else "integer"
+            raise TensorMismatchError(
+                f"{what}: tensor {name!r} in {source.where(name)} has dtype {stored}, "
+                f"expected a {kind} tensor"
+            )
 
 
 def plan_run(
@@ -160,7 +167,29 @@ def plan_run(
     stack: str,
     build_layer: Callable[[int], nn.Module],
 ) -> _Plan:
-    """Build every module on meta, map it to checkpoint names and check all of them, up front."""
+    """Build every module on meta, map it to checkpoint names and check all of them, up front.
+
+    A config that transformers accepts but whose modules cannot be built (an unknown
+    activation, an impossible size) is a :class:`CheckpointError` here, before any work.
+    """
+    try:
+        return _plan_run(family, config, source, stack, build_layer)
+    except NexusSLIError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot build the {family.family_id!r} modules from this config.json: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _plan_run(
+    family: ArchitectureFamily,
+    config: Any,
+    source: TensorSource,
+    stack: str,
+    build_layer: Callable[[int], nn.Module],
+) -> _Plan:
     names = source.names()
     model_prefix = family.resolve_model_prefix(config, names)
     stem = _build(lambda: family.build_stem(config, stack))

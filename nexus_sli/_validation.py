@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+import threading
 from typing import Any
 
 import torch
@@ -38,6 +39,7 @@ __all__ = [
 #: ``<family>_<layer_type>``: lowercase snake_case, at least two parts, starting with a letter.
 LAYER_NAME_PATTERN = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)+")
 _FAMILY_ID_PATTERN = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)*")
+_IMPORT_LOCK = threading.Lock()
 _VALID_EXAMPLES = "'llama_custom_attn', 'moe_expert_layer', 'generic_rms_norm'"
 
 
@@ -163,7 +165,8 @@ def default_probe_config() -> Any:
     max_position_embeddings 128, vocab_size 256, and the usual extras (layer-norm eps,
     activation, dropout, expert counts, ...).
     """
-    from transformers import LlamaConfig
+    with _IMPORT_LOCK:  # transformers' lazy first import is not thread-safe
+        from transformers.models.llama.configuration_llama import LlamaConfig
 
     config = LlamaConfig(
         hidden_size=64,

@@ -57,6 +57,20 @@ def _digest(*tensors: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def _check_device(device: str | torch.device) -> torch.device:
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise InputError(f"device {device!r} is not a torch device: {exc}") from exc
+    try:
+        torch.empty(1, device=resolved)
+    except (RuntimeError, AssertionError, NotImplementedError) as exc:
+        raise InputError(f"device {str(resolved)!r} is not available here: {exc}") from exc
+    if resolved.type == "meta":
+        raise InputError("device 'meta' holds no values; stream on 'cpu' or an accelerator")
+    return resolved
+
+
 class UniversalSLIProcessor:
     """Stream a checkpoint directory layer by layer.
 
@@ -72,8 +86,9 @@ class UniversalSLIProcessor:
         dtype: compute dtype; ``None`` keeps the checkpoint's own.
         activation_dir: where per-layer activations go (a temporary directory when ``None``).
         registry: the registry to resolve families and custom layers (the shared one).
-        trust_remote_code: must be ``True`` for a config that asks for remote code; even then
-            no code from the checkpoint is imported (the family must be registered).
+        trust_remote_code: must be ``True`` for a config that asks for remote code (``auto_map``);
+            even then no code from the checkpoint is imported, for the model or the tokenizer
+            (the architecture must be one a registered family handles).
         progress: a progress bar per layer on stderr; ``None`` shows it on a terminal only.
     """
 
@@ -103,7 +118,12 @@ class UniversalSLIProcessor:
         # transformers' from_pretrained would, so results match the in-memory model.
         self.config = load_config(self.model_dir, trust_remote_code=trust_remote_code)
         self.checkpoint = SafetensorsCheckpoint(self.model_dir)
-        self.device = torch.device(device)
+        self.device = _check_device(device)
+        if dtype is not None and not dtype.is_floating_point:
+            raise InputError(
+                f"dtype must be a floating point dtype (torch.float32, torch.bfloat16, ...), "
+                f"got {dtype}"
+            )
         self.dtype = dtype if dtype is not None else self.checkpoint.dominant_dtype()
         self.activation_dir = Path(activation_dir) if activation_dir is not None else None
         self.progress = progress
@@ -140,6 +160,13 @@ class UniversalSLIProcessor:
     def _check_inputs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, batch_size: int
     ) -> torch.Tensor:
+        for label, tensor in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+            if tensor is None:
+                continue
+            if tensor.layout is not torch.strided or tensor.is_nested:
+                raise InputError(f"{label} must be a dense tensor, got layout {tensor.layout}")
+            if tensor.device.type == "meta":
+                raise InputError(f"{label} is on the meta device: it holds no values")
         if input_ids.dim() != 2:
             raise InputError(
                 f"input_ids must be 2-D [batch, seq], got shape {list(input_ids.shape)}"
@@ -154,6 +181,12 @@ class UniversalSLIProcessor:
             raise InputError(
                 f"input_ids must lie in [0, {vocab}) (the vocabulary of this checkpoint), got "
                 f"values from {low} to {high}"
+            )
+        limit = self.family.max_sequence_length(self.config)
+        if limit is not None and input_ids.shape[1] > limit:
+            raise InputError(
+                f"sequences of {input_ids.shape[1]} tokens are longer than this checkpoint's "
+                f"learned position table ({limit} positions)"
             )
         if batch_size < 1:
             raise InputError(f"batch_size must be at least 1, got {batch_size}")
@@ -282,9 +315,8 @@ class UniversalSLIProcessor:
         try:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(
-                str(self.model_dir), trust_remote_code=self.trust_remote_code
-            )
+            # Never trust_remote_code here: nexus_sli imports no code shipped with a checkpoint.
+            tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), trust_remote_code=False)
         except Exception as exc:
             raise CheckpointError(
                 f"{str(self.model_dir)!r} has no usable tokenizer ({type(exc).__name__}: {exc}); "

@@ -160,6 +160,7 @@ def test_resume_after_partial_run(sharded_llama: Path, tmp_path: Path) -> None:
         ids, mask, output_hidden_states=True
     )
     assert sorted(p.name for p in act.iterdir()) == [
+        ".lock",
         "embeddings.safetensors",
         "layer_00000.safetensors",
         "layer_00001.safetensors",

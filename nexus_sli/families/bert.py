@@ -253,6 +253,13 @@ class _BertLikeFamily(ArchitectureFamily):
             config=mask_config, inputs_embeds=inputs_embeds, attention_mask=attention_mask
         )
 
+    def max_sequence_length(self, config: Any) -> int | None:
+        """The learned position table; RoBERTa's positions start after ``padding_idx``."""
+        size = int(config.max_position_embeddings)
+        if getattr(config, "model_type", "") == "roberta":
+            return size - int(config.pad_token_id) - 1
+        return size
+
     def attention_is_causal(self, config: Any, layer_type: str = "encoder") -> bool:
         """Causal only for a BERT configured as a decoder (``is_decoder=True``)."""
         return bool(getattr(config, "is_decoder", False))

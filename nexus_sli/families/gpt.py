@@ -218,6 +218,12 @@ class GPTFamily(ArchitectureFamily):
     def layer_roles(self, config: Any, layer_type: str = "decoder") -> Mapping[str, str]:
         return {"layer": "", "attention": self._spec(config).attention, "mlp": "mlp"}
 
+    def max_sequence_length(self, config: Any) -> int | None:
+        """GPT-2's learned ``wpe`` and GPT-J's sin/cos table end at ``max_position_embeddings``."""
+        if check_model_type(self, config) in ("gpt2", "gptj"):
+            return int(config.max_position_embeddings)
+        return None
+
     def adds_residual(self, config: Any, role: str) -> bool:
         """BLOOM's attention and MLP take the residual and add it themselves."""
         return check_model_type(self, config) == "bloom" and role in ("attention", "mlp")

@@ -80,6 +80,10 @@ class OPTFamily(ArchitectureFamily):
     def layer_roles(self, config: Any, layer_type: str = "decoder") -> Mapping[str, str]:
         return {"layer": "", "attention": "self_attn", "mlp_in": "fc1", "mlp_out": "fc2"}
 
+    def max_sequence_length(self, config: Any) -> int | None:
+        """OPT's learned positions (offset by 2) cover ``max_position_embeddings`` tokens."""
+        return int(config.max_position_embeddings)
+
     def embedding_tensor_names(
         self, config: Any, *, model_prefix: str | None = None
     ) -> tuple[str, ...]:
