@@ -16,7 +16,15 @@ nox.options.default_venv_backend = "venv"
 
 PYTHON = "3.11"
 TORCH = os.environ.get("NEXUS_SLI_TORCH", "torch==2.13.0")
-TYPED_PATHS = ["nexus_sli", "tests", "property_tests", "typing_tests", "noxfile.py"]
+TYPED_PATHS = [
+    "nexus_sli",
+    "tests",
+    "property_tests",
+    "reliability",
+    "typing_tests",
+    "benchmarks",
+    "noxfile.py",
+]
 
 
 def install(session: nox.Session, *extra: str) -> None:

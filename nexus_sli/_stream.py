@@ -8,6 +8,7 @@ every micro-batch, store the output, free the layer. Then the final norm and, if
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import gc
 import inspect
@@ -382,6 +383,7 @@ def run_layer_major(
                 for adapter in adapters:
                     adapter.context = {}
                 del layer, adapters, target
+                _release_freed_memory()
                 t2 = time.perf_counter()
                 if store is not None:
                     store.save(idx, hidden)
@@ -419,6 +421,23 @@ def run_layer_major(
         if output_logits:
             logits = _logits(family, config, source, plan, last_hidden, dtype, device)
     return StreamOutput(last_hidden, hidden_states, logits, stats)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        trim: Callable[[int], int] = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
+
+
+def _release_freed_memory() -> None:
+    """Give the freed layer's heap pages back to the OS (glibc keeps them otherwise)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _read_tensors(source: TensorSource, names: Collection[str]) -> dict[str, torch.Tensor]:
