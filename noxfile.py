@@ -1,4 +1,4 @@
-"""nox sessions: lint, type, tests, property. ``nox`` with no arguments runs them all.
+"""nox sessions: lint, type, tests, property, reliability. ``nox`` with no arguments runs them all.
 
 Every session installs torch first from ``NEXUS_SLI_TORCH`` (default ``torch==2.13.0``, a CPU
 build): an unpinned torch would pull a multi-GB CUDA build.
@@ -10,7 +10,7 @@ import os
 
 import nox
 
-nox.options.sessions = ["lint", "type", "tests", "property"]
+nox.options.sessions = ["lint", "type", "tests", "property", "reliability"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.default_venv_backend = "venv"
 
@@ -60,3 +60,10 @@ def property_tests(session: nox.Session) -> None:
     """Hypothesis property tests: registry state machine, names, forward-shape contracts."""
     install(session)
     session.run("pytest", "property_tests", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def reliability(session: nox.Session) -> None:
+    """Faults and hostile input: killed runs, full disks, damaged checkpoints, fuzzing, races."""
+    install(session)
+    session.run("pytest", "reliability", *session.posargs)

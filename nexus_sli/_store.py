@@ -224,7 +224,10 @@ class ActivationStore:
         }
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
-        raw = tensor.reshape(-1).view(torch.uint8).numpy() if nbytes else None
+        flat = tensor.reshape(-1)
+        if flat.stride(0) != 1:  # size-1 dims can leave a "contiguous" tensor odd strides
+            flat = torch.empty(flat.numel(), dtype=flat.dtype).copy_(flat)
+        raw = flat.view(torch.uint8).numpy() if nbytes else None
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         try:
             with tmp.open("wb") as fh:

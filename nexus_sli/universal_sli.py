@@ -51,9 +51,11 @@ class SLIResult:
 def _digest(*tensors: torch.Tensor) -> str:
     h = hashlib.sha256()
     for tensor in tensors:
-        t = tensor.detach().to("cpu").contiguous()
+        t = tensor.detach().to("cpu")
         h.update(f"{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # A fresh 1-D copy: a "contiguous" tensor with size-1 dims may keep odd strides.
+        flat = torch.empty(t.numel(), dtype=t.dtype).copy_(t.reshape(-1))
+        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
     return h.hexdigest()
 
 
