@@ -1,0 +1,1 @@
+"""Reliability suite: kills, full disks, damaged and hostile checkpoints, bad input, races."""
