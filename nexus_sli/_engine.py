@@ -22,6 +22,7 @@ __all__ = [
     "DictSource",
     "EngineOutput",
     "TensorSource",
+    "check_tensors",
     "fill_module",
     "params_on_meta",
     "run_in_memory",
@@ -98,6 +99,41 @@ def params_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
+def check_tensors(
+    module: nn.Module, key_to_name: Mapping[str, str], source: TensorSource, what: str
+) -> None:
+    """Check, from the checkpoint's headers alone, that ``module`` can be filled from it.
+
+    Every state-dict key must be mapped to a tensor that exists, has the same shape and the
+    same kind of dtype (floating point or not); otherwise :class:`TensorMismatchError` names
+    the tensor and its file.
+    """
+    names = source.names()
+    for key, target in module.state_dict(keep_vars=True).items():
+        name = key_to_name.get(key)
+        if name is None:
+            raise TensorMismatchError(
+                f"{what}: no checkpoint name planned for {key!r} (a family bug)"
+            )
+        if name not in names:
+            raise TensorMismatchError(
+                f"{what}: tensor {name!r} is missing from the checkpoint; the model expects it "
+                f"with shape {list(target.shape)}"
+            )
+        if tuple(source.shape(name)) != tuple(target.shape):
+            raise TensorMismatchError(
+                f"{what}: tensor {name!r} in {source.where(name)} has shape "
+                f"{list(source.shape(name))}, expected {list(target.shape)}"
+            )
+        stored = source.dtype(name)
+        if stored.is_floating_point != target.dtype.is_floating_point:
+            kind = "floating point" if target.dtype.is_floating_point else "integer"
+            raise TensorMismatchError(
+                f"{what}: tensor {name!r} in {source.where(name)} has dtype {stored}, "
+                f"expected a {kind} tensor"
+            )
+
+
 def fill_module(
     module: nn.Module,
     key_to_name: Mapping[str, str],
@@ -110,50 +146,23 @@ def fill_module(
 ) -> None:
     """Assign checkpoint tensors into ``module`` (built with parameters on meta), strictly.
 
-    ``key_to_name`` maps every state-dict key of ``module`` to its checkpoint name. Shapes are
-    checked before anything is read; a missing tensor or shape mismatch raises
-    :class:`TensorMismatchError` naming the tensor and its file.
+    ``key_to_name`` maps every state-dict key of ``module`` to its checkpoint name; the
+    mapping is checked (:func:`check_tensors`) before anything is read.
     """
-    expected = module.state_dict(keep_vars=True)
-    missing_keys = set(expected) - set(key_to_name)
-    if missing_keys:
-        raise TensorMismatchError(
-            f"{what}: no checkpoint name planned for {sorted(missing_keys)} (a family bug)"
-        )
-    available = source.names()
+    check_tensors(module, key_to_name, source, what)
     loaded: dict[str, torch.Tensor] = {}
-    for key, target in expected.items():
-        name = key_to_name[key]
-        if name not in available:
-            raise TensorMismatchError(
-                f"{what}: tensor {name!r} is missing from the checkpoint; the model expects it "
-                f"with shape {list(target.shape)}"
-            )
-        shape = source.shape(name)
-        if tuple(shape) != tuple(target.shape):
-            raise TensorMismatchError(
-                f"{what}: tensor {name!r} in {source.where(name)} has shape {list(shape)}, "
-                f"expected {list(target.shape)}"
-            )
-    for key, target in expected.items():
-        name = key_to_name[key]
+    for key, name in key_to_name.items():
         tensor = tensors[name] if tensors is not None else source.get(name)
-        if not (tensor.is_floating_point() == target.is_floating_point()):
-            raise TensorMismatchError(
-                f"{what}: tensor {name!r} in {source.where(name)} has dtype {tensor.dtype}, "
-                f"expected a {'floating point' if target.is_floating_point() else 'integer'} tensor"
-            )
         want = dtype if (dtype is not None and tensor.is_floating_point()) else tensor.dtype
         loaded[key] = tensor.to(device=device, dtype=want)
     module.load_state_dict(loaded, strict=True, assign=True)
     for label, tensor in [*module.named_parameters(), *module.named_buffers()]:
         if tensor.is_meta:
             raise CheckpointError(f"{what}: {label!r} is still on the meta device after loading")
-    if dtype is not None:
-        for sub in module.modules():
-            for bname, buf in list(sub._buffers.items()):
-                if buf is not None and buf.is_floating_point() and buf.device != device:
-                    sub._buffers[bname] = buf.to(device)
+    for sub in module.modules():  # buffers computed in __init__ (rotary inv_freq) follow
+        for bname, buf in list(sub._buffers.items()):
+            if buf is not None and buf.device != device:
+                sub._buffers[bname] = buf.to(device)
 
 
 @dataclass

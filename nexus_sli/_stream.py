@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._engine import TensorSource, fill_module, params_on_meta
+from ._engine import TensorSource, check_tensors, fill_module, params_on_meta
 from ._family import ArchitectureFamily, LayerContext
 from ._store import ActivationStore
 from .errors import CheckpointError, InputError, NexusSLIError, TensorMismatchError
@@ -136,31 +136,6 @@ class _Plan:
     head_map: dict[str, str]
 
 
-def _check_shapes(
-    module: nn.Module, mapping: Mapping[str, str], source: TensorSource, what: str
-) -> None:
-    names = source.names()
-    for key, target in module.state_dict(keep_vars=True).items():
-        name = mapping[key]
-        if name not in names:
-            raise TensorMismatchError(
-                f"{what}: tensor {name!r} is missing from the checkpoint; the model expects it "
-                f"with shape {list(target.shape)}"
-            )
-        if tuple(source.shape(name)) != tuple(target.shape):
-            raise TensorMismatchError(
-                f"{what}: tensor {name!r} in {source.where(name)} has shape "
-                f"{list(source.shape(name))}, expected {list(target.shape)}"
-            )
-        stored = source.dtype(name)
-        if stored.is_floating_point != target.dtype.is_floating_point:
-            kind = "floating point" if target.dtype.is_floating_point else "integer"
-            raise TensorMismatchError(
-                f"{what}: tensor {name!r} in {source.where(name)} has dtype {stored}, "
-                f"expected a {kind} tensor"
-            )
-
-
 def plan_run(
     family: ArchitectureFamily,
     config: Any,
@@ -201,18 +176,18 @@ def _plan_run(
         available=names,
         layer_type=stack,
     )
-    _check_shapes(stem, stem_map, source, "embeddings")
+    check_tensors(stem, stem_map, source, "embeddings")
     layer_maps: list[dict[str, str]] = []
     for idx in range(family.num_layers(config, stack)):
         layer = build_layer(idx)
         prefix = family.get_layer_prefix(idx, stack, model_prefix=model_prefix)
         mapping = {key: prefix + key for key in layer.state_dict(keep_vars=True)}
-        _check_shapes(layer, mapping, source, f"layer {idx}")
+        check_tensors(layer, mapping, source, f"layer {idx}")
         layer_maps.append(mapping)
         del layer
     final = _build(lambda: family.build_final(config, stack))
     final_map = {key: model_prefix + key for key in final.state_dict(keep_vars=True)}
-    _check_shapes(final, final_map, source, "final norm")
+    check_tensors(final, final_map, source, "final norm")
     head = _build(lambda: family.build_lm_head(config) or nn.Identity())
     head_map: dict[str, str] = {}
     if not isinstance(head, nn.Identity):
@@ -224,7 +199,7 @@ def _plan_run(
             available=names,
         )
         if all(name in names for name in candidate.values()):
-            _check_shapes(head_module, candidate, source, "lm head")
+            check_tensors(head_module, candidate, source, "lm head")
             head_map = candidate
     used: set[str] = {*stem_map.values(), *final_map.values(), *head_map.values()}
     for mapping in layer_maps:
