@@ -11,14 +11,14 @@ import hashlib
 import json
 import mmap
 import os
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
-from .errors import CheckpointError, RemoteCodeError
+from .errors import CheckpointError, InputError, RemoteCodeError
 
 __all__ = ["CHECKPOINT_INDEX", "SafetensorsCheckpoint", "load_config", "read_config_dict"]
 
@@ -223,6 +223,62 @@ class SafetensorsCheckpoint:
                 ) from exc
         return out
 
+    def get_rows(self, name: str, rows: Sequence[int]) -> torch.Tensor:
+        """Rows ``rows`` (sorted, distinct) of a tensor along its first dimension, read alone.
+
+        Consecutive rows are read with one ``readinto``; nothing else of the tensor is read,
+        so embedding a batch reads the rows of its tokens, not the whole table.
+        """
+        path = self._where[name]
+        begin, end = self._spans[name]
+        dtype = self._dtypes[name]
+        shape = self._shapes[name]
+        if not shape:
+            raise CheckpointError(f"tensor {name!r} in {str(path)!r} is a scalar; it has no rows")
+        row_bytes = dtype.itemsize * int(torch.Size(shape[1:]).numel())
+        if end - begin != row_bytes * shape[0]:
+            raise CheckpointError(
+                f"tensor {name!r} in {str(path)!r} spans {end - begin} bytes, but "
+                f"{list(shape)} of {dtype} needs {row_bytes * shape[0]}"
+            )
+        out = torch.empty((len(rows), *shape[1:]), dtype=dtype)
+        if not rows or row_bytes == 0:
+            return out
+        if rows[0] < 0 or rows[-1] >= shape[0]:
+            raise InputError(
+                f"index {rows[0] if rows[0] < 0 else rows[-1]} is out of range for tensor "
+                f"{name!r} with {shape[0]} rows"
+            )
+        view = out.view(torch.uint8).numpy().data.cast("B")
+        try:
+            with path.open("rb", buffering=0) as fh:
+                i = 0
+                while i < len(rows):
+                    j = i + 1
+                    while j < len(rows) and rows[j] == rows[j - 1] + 1:
+                        j += 1
+                    fh.seek(begin + rows[i] * row_bytes)
+                    self._fill(fh, view[i * row_bytes : j * row_bytes], name, path)
+                    i = j
+        except OSError as exc:
+            raise CheckpointError(
+                f"reading tensor {name!r} from {str(path)!r} failed: {exc.strerror or exc}"
+            ) from exc
+        self.bytes_read += len(rows) * row_bytes
+        return out
+
+    @staticmethod
+    def _fill(fh: Any, view: memoryview, name: str, path: Path) -> None:
+        done, size = 0, len(view)
+        while done < size:
+            n = fh.readinto(view[done:])
+            if not n:
+                raise CheckpointError(
+                    f"tensor {name!r} in {str(path)!r} ends early: read {done} of {size} bytes "
+                    f"(the file is truncated or changed while streaming)"
+                )
+            done += n
+
     def _read_into(self, fh: Any, name: str, path: Path) -> torch.Tensor:
         begin, end = self._spans[name]
         dtype = self._dtypes[name]
@@ -239,15 +295,7 @@ class SafetensorsCheckpoint:
         region = mmap.mmap(-1, max(size, 1))
         view = memoryview(region)[:size]
         fh.seek(begin)
-        done = 0
-        while done < size:
-            n = fh.readinto(view[done:])
-            if not n:
-                raise CheckpointError(
-                    f"tensor {name!r} in {str(path)!r} ends early: read {done} of {size} bytes "
-                    f"(the file is truncated or changed while streaming)"
-                )
-            done += n
+        self._fill(fh, view, name, path)
         self.bytes_read += size
         view.release()
         if size == 0:

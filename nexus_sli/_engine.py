@@ -22,9 +22,11 @@ __all__ = [
     "DictSource",
     "EngineOutput",
     "TensorSource",
+    "buffers_to",
     "check_tensors",
     "fill_module",
     "params_on_meta",
+    "prepare_tensor",
     "run_in_memory",
 ]
 
@@ -143,25 +145,44 @@ def fill_module(
     device: torch.device,
     what: str,
     tensors: Mapping[str, torch.Tensor] | None = None,
+    lazy: Collection[str] = (),
 ) -> None:
     """Assign checkpoint tensors into ``module`` (built with parameters on meta), strictly.
 
     ``key_to_name`` maps every state-dict key of ``module`` to its checkpoint name; the
-    mapping is checked (:func:`check_tensors`) before anything is read.
+    mapping is checked (:func:`check_tensors`) before anything is read. Keys in ``lazy`` are
+    checked but left on meta: the caller fills them when they are needed.
     """
     check_tensors(module, key_to_name, source, what)
     loaded: dict[str, torch.Tensor] = {}
     for key, name in key_to_name.items():
+        if key in lazy:
+            continue
         tensor = tensors[name] if tensors is not None else source.get(name)
-        want = dtype if (dtype is not None and tensor.is_floating_point()) else tensor.dtype
-        loaded[key] = tensor.to(device=device, dtype=want)
-    module.load_state_dict(loaded, strict=True, assign=True)
+        loaded[key] = prepare_tensor(tensor, dtype=dtype, device=device)
+    missing, _ = module.load_state_dict(loaded, strict=False, assign=True)
+    if set(missing) != set(lazy):
+        raise CheckpointError(f"{what}: no tensor loaded for {sorted(set(missing) - set(lazy))}")
+    lazy_ids = {id(t) for k, t in module.state_dict(keep_vars=True).items() if k in lazy}
     for label, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        if tensor.is_meta:
+        if tensor.is_meta and id(tensor) not in lazy_ids:
             raise CheckpointError(f"{what}: {label!r} is still on the meta device after loading")
-    for sub in module.modules():  # buffers computed in __init__ (rotary inv_freq) follow
+    buffers_to(module, device)
+
+
+def prepare_tensor(
+    tensor: torch.Tensor, *, dtype: torch.dtype | None, device: torch.device
+) -> torch.Tensor:
+    """A checkpoint tensor on the run's device, floating tensors in the run's dtype."""
+    want = dtype if (dtype is not None and tensor.is_floating_point()) else tensor.dtype
+    return tensor.to(device=device, dtype=want)
+
+
+def buffers_to(module: nn.Module, device: torch.device) -> None:
+    """Move buffers computed in ``__init__`` (rotary ``inv_freq``) to ``device``."""
+    for sub in module.modules():
         for bname, buf in list(sub._buffers.items()):
-            if buf is not None and buf.device != device:
+            if buf is not None and not buf.is_meta and buf.device != device:
                 sub._buffers[bname] = buf.to(device)
 
 

@@ -248,6 +248,17 @@ class ArchitectureFamily:
         """
         return False
 
+    def layer_stages(self, config: Any, layer_type: str = "decoder") -> tuple[tuple[str, ...], ...]:
+        """A layer's direct children grouped in the order its forward first calls them.
+
+        Streaming reads and frees a layer stage by stage (the attention part of the next
+        layer is read while this layer's MLP runs), so only about one layer's weights are
+        held at a time. Children a layer does not have are ignored; parameters of children
+        named in no stage (and the layer's own) are read with the first stage. The default,
+        ``()``, reads each layer whole (the next one is read while it runs).
+        """
+        return ()
+
     def attention_is_causal(self, config: Any, layer_type: str = "decoder") -> bool:
         """Whether attention in stack ``layer_type`` is causal (for custom layers' masks)."""
         return layer_type != "encoder"

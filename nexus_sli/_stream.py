@@ -12,20 +12,35 @@ import ctypes
 import functools
 import gc
 import inspect
+import itertools
 import re
+import threading
 import time
 from collections.abc import Callable, Collection, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from ._engine import TensorSource, check_tensors, fill_module, params_on_meta
+from ._engine import (
+    TensorSource,
+    buffers_to,
+    check_tensors,
+    fill_module,
+    params_on_meta,
+    prepare_tensor,
+)
 from ._family import ArchitectureFamily, LayerContext
 from ._store import ActivationStore
-from .errors import CheckpointError, InputError, NexusSLIError, TensorMismatchError
+from .errors import (
+    CheckpointError,
+    InputError,
+    NexusSLIError,
+    StreamingError,
+    TensorMismatchError,
+)
 
 __all__ = ["CustomLayerAdapter", "RunStats", "StreamOutput", "run_layer_major"]
 
@@ -40,6 +55,9 @@ class RunStats:
     layers_run: int = 0
     layers_resumed: int = 0
     timeline: list[tuple[int, float, float, float]] = field(default_factory=list)
+    #: Most bytes of layer weights (as stored in the checkpoint) held at once: read ahead
+    #: and not yet freed. About one layer for families with ``layer_stages``, two otherwise.
+    peak_weight_bytes: int = 0
 
 
 @dataclass
@@ -272,7 +290,21 @@ def run_layer_major(
 
     with torch.no_grad():
         stem = plan.stem()
-        fill_module(stem, plan.stem_map, source, dtype=dtype, device=device, what="embeddings")
+        gathered = _gathered_embeddings(stem, plan.stem_map)
+        fill_module(
+            stem,
+            plan.stem_map,
+            source,
+            dtype=dtype,
+            device=device,
+            what="embeddings",
+            lazy=gathered,
+        )
+        hooks = [
+            handle
+            for key, module in gathered.items()
+            for handle in _gather_rows(module, plan.stem_map[key], source, dtype, device)
+        ]
         stem.eval()
         embedded: list[torch.Tensor] = []
         contexts: list[LayerContext] = []
@@ -283,7 +315,9 @@ def run_layer_major(
             ctx["_padding_mask"] = attention_mask[s:e].to(device)
             embedded.append(chunk)
             contexts.append(ctx)
-        del stem
+        for handle in hooks:
+            handle.remove()
+        del stem, hooks
         gc.collect()
         # One activation buffer for the whole batch, updated in place micro-batch by
         # micro-batch: a micro-batch's input is dead once its output exists.
@@ -305,32 +339,26 @@ def run_layer_major(
         if progress is not None and start:
             progress(start)
 
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nexus-sli-prefetch")
-
-        def read(idx: int) -> dict[str, torch.Tensor]:
-            return _read_tensors(source, plan.layer_maps[idx].values())
-
-        pending: Future[dict[str, torch.Tensor]] | None = (
-            pool.submit(read, start) if start < n_layers else None
-        )
+        staged = "" not in (roles[r] for r in overrides)
+        stages = family.layer_stages(config, stack) if staged else ()
+        units = [
+            _layer_units(idx, plan.layer_maps[idx], stages, source)
+            for idx in range(start, n_layers)
+        ]
+        prefetch = _Prefetcher(source, [u for layer_units in units for u in layer_units])
         try:
+            first_unit = 0
             for idx in range(start, n_layers):
                 t0 = time.perf_counter()
-                assert pending is not None
-                tensors = pending.result()
-                t1 = time.perf_counter()
-                pending = pool.submit(read, idx + 1) if idx + 1 < n_layers else None
+                layer_units = units[idx - start]
                 layer = build_layer(idx)
-                fill_module(
-                    layer,
-                    plan.layer_maps[idx],
-                    source,
-                    dtype=dtype,
-                    device=device,
-                    what=f"layer {idx}",
-                    tensors=tensors,
+                buffers_to(layer, device)
+                fill = _StagedFill(
+                    layer, layer_units, first_unit, stages, prefetch, dtype, device, idx
                 )
-                del tensors
+                first_unit += len(layer_units)
+                wait_before = prefetch.waited
+                fill.fill_upto(0)
                 layer, adapters = _wrap_custom(
                     layer,
                     overrides,
@@ -340,8 +368,10 @@ def run_layer_major(
                     functools.partial(family.adds_residual, config),
                 )
                 layer.eval()
+                fill.hook(layer, adapters, roles)
                 target = hidden
                 for i, ((s, e), ctx) in enumerate(zip(bounds, contexts, strict=True)):
+                    fill.last_call = i == len(bounds) - 1
                     for adapter in adapters:
                         adapter.context = ctx
                     if isinstance(layer, CustomLayerAdapter):
@@ -357,7 +387,8 @@ def run_layer_major(
                 hidden = target
                 for adapter in adapters:
                     adapter.context = {}
-                del layer, adapters, target
+                fill.finish()
+                del layer, adapters, target, fill
                 _release_freed_memory()
                 t2 = time.perf_counter()
                 if store is not None:
@@ -365,17 +396,17 @@ def run_layer_major(
                 elif output_hidden_states and idx < n_layers - 1:
                     kept.append(hidden.clone())
                 t3 = time.perf_counter()
-                stats.read_wait += t1 - t0
-                stats.compute += t2 - t1
+                waited = prefetch.waited - wait_before
+                stats.read_wait += waited
+                stats.compute += t2 - t0 - waited
                 stats.write += t3 - t2
                 stats.layers_run += 1
-                stats.timeline.append((idx, t1 - t0, t2 - t1, t3 - t2))
+                stats.timeline.append((idx, waited, t2 - t0 - waited, t3 - t2))
                 if progress is not None:
                     progress(1)
         finally:
-            if pending is not None:
-                pending.cancel()
-            pool.shutdown(wait=True)
+            prefetch.close()
+            stats.peak_weight_bytes = prefetch.peak_held
 
         final = _build(lambda: family.build_final(config, stack))
         fill_module(final, plan.final_map, source, dtype=dtype, device=device, what="final norm")
@@ -463,3 +494,300 @@ def _logits(
     fill_module(head, plan.head_map, source, dtype=dtype, device=device, what="lm head")
     head.eval()
     return family.compute_logits(config, head, last_hidden)
+
+
+# ---------------------------------------------------------------------- embeddings by rows
+def _gathered_embeddings(stem: nn.Module, stem_map: Mapping[str, str]) -> dict[str, nn.Embedding]:
+    """Plain ``nn.Embedding`` modules of the stem: their tables are read row by row.
+
+    Only modules whose forward is ``nn.Embedding.forward`` itself (the table is only indexed
+    by the call's argument) and that do not renormalise rows (``max_norm``).
+    """
+    found: dict[str, nn.Embedding] = {}
+    for path, module in stem.named_modules():
+        if (
+            isinstance(module, nn.Embedding)
+            and type(module).forward is nn.Embedding.forward
+            and module.max_norm is None
+        ):
+            key = f"{path}.weight" if path else "weight"
+            if key in stem_map:
+                found[key] = module
+    return found
+
+
+def _read_rows(source: TensorSource, name: str, rows: list[int]) -> torch.Tensor:
+    get_rows = getattr(source, "get_rows", None)
+    if get_rows is not None:
+        result: torch.Tensor = get_rows(name, rows)
+        return result
+    table = source.get(name)
+    if rows and (rows[0] < 0 or rows[-1] >= table.shape[0]):
+        raise InputError(
+            f"index {rows[0] if rows[0] < 0 else rows[-1]} is out of range for tensor "
+            f"{name!r} with {table.shape[0]} rows"
+        )
+    return table[torch.tensor(rows, dtype=torch.long)]
+
+
+def _gather_rows(
+    module: nn.Embedding,
+    name: str,
+    source: TensorSource,
+    dtype: torch.dtype | None,
+    device: torch.device,
+) -> list[RemovableHandle]:
+    """Make ``module`` read only the rows its call indexes (its weight stays on meta otherwise).
+
+    Before each call the distinct indices are read from the checkpoint into a compact table
+    and the indices remapped into it; after the call the table is dropped. The output is the
+    same as with the whole table (``padding_idx`` only matters for gradients).
+    """
+    meta_weight = module.weight
+    padding_idx = module.padding_idx
+
+    def before(mod: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        ids = args[0]
+        distinct, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+        rows = _read_rows(source, name, [int(x) for x in distinct.tolist()])
+        table = prepare_tensor(rows, dtype=dtype, device=device)
+        module.weight = nn.Parameter(table, requires_grad=False)
+        module.padding_idx = None
+        return (inverse.reshape(ids.shape), *args[1:])
+
+    def after(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        module.weight = meta_weight
+        module.padding_idx = padding_idx
+
+    return [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+
+
+# ---------------------------------------------------------------------- layers by stages
+@dataclass(frozen=True)
+class _Unit:
+    """Tensors of one layer read together: a stage of it, or all of it."""
+
+    layer: int
+    stage: int
+    keys: tuple[str, ...]
+    names: tuple[str, ...]
+    nbytes: int
+
+
+def _layer_units(
+    idx: int,
+    mapping: Mapping[str, str],
+    stages: tuple[tuple[str, ...], ...],
+    source: TensorSource,
+) -> list[_Unit]:
+    """Split a layer's tensors by stage (see ``ArchitectureFamily.layer_stages``)."""
+    stage_of = {child: k for k, children in enumerate(stages) for child in children}
+    groups: dict[int, list[str]] = {}
+    for key in mapping:
+        head, dot, _ = key.partition(".")
+        groups.setdefault(stage_of.get(head, 0) if dot else 0, []).append(key)
+    units = []
+    for stage in sorted(groups):
+        keys = tuple(groups[stage])
+        names = tuple(mapping[k] for k in keys)
+        nbytes = sum(
+            source.dtype(n).itemsize * int(torch.Size(source.shape(n)).numel()) for n in names
+        )
+        units.append(_Unit(idx, stage, keys, names, nbytes))
+    return units
+
+
+def _budget(units: list[_Unit]) -> int:
+    """Bytes of units that may be held at once: a whole layer, or the end of one layer and the
+    start of the next, whichever is more (so a layer never waits on itself)."""
+    per_layer: dict[int, int] = {}
+    for unit in units:
+        per_layer[unit.layer] = per_layer.get(unit.layer, 0) + unit.nbytes
+    pairs = [a.nbytes + b.nbytes for a, b in itertools.pairwise(units)]
+    return max([*per_layer.values(), *pairs, 1])
+
+
+class _Prefetcher:
+    """Reads units in order on one background thread, within a byte budget.
+
+    A unit is read once the units held (read and not yet released) leave room for it in the
+    budget, so reading runs ahead of compute by about one layer's worth of stages and no more.
+    """
+
+    def __init__(self, source: TensorSource, units: list[_Unit]) -> None:
+        self._source = source
+        self._units = units
+        self._budget = _budget(units)
+        self._cond = threading.Condition()
+        self._held = 0
+        self._results: dict[int, dict[str, torch.Tensor] | BaseException] = {}
+        self._closed = False
+        self.waited = 0.0
+        self.peak_held = 0
+        self._thread = threading.Thread(target=self._work, name="nexus-sli-prefetch", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        for j, unit in enumerate(self._units):
+            with self._cond:
+                while not self._closed and self._held and self._held + unit.nbytes > self._budget:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                self._held += unit.nbytes
+                self.peak_held = max(self.peak_held, self._held)
+            result: dict[str, torch.Tensor] | BaseException
+            try:
+                result = _read_tensors(self._source, unit.names)
+            except BaseException as exc:  # handed to the compute thread
+                result = exc
+            with self._cond:
+                self._results[j] = result
+                self._cond.notify_all()
+            if isinstance(result, BaseException):
+                return
+
+    def take(self, j: int) -> dict[str, torch.Tensor]:
+        """Unit ``j``'s tensors, waiting for the read if needed."""
+        start = time.perf_counter()
+        with self._cond:
+            while j not in self._results:
+                self._cond.wait()
+            result = self._results.pop(j)
+        self.waited += time.perf_counter() - start
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def release(self, j: int) -> None:
+        """Unit ``j`` is no longer held: its budget goes to the next reads."""
+        with self._cond:
+            self._held -= self._units[j].nbytes
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._results.clear()
+            self._cond.notify_all()
+        self._thread.join()
+
+
+class _StagedFill:
+    """Fills one layer stage by stage as its forward reaches each stage, and frees stages
+    once the last micro-batch is past them.
+
+    Filling goes through the layer's own ``load_state_dict`` (so layers whose state dict is
+    translated by hooks, such as fused MoE experts, load as they do whole); custom modules are
+    unwrapped from their adapters for the moment of loading. Freeing puts the stage's
+    children's parameters back on meta.
+    """
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        units: list[_Unit],
+        first: int,
+        stages: tuple[tuple[str, ...], ...],
+        prefetch: _Prefetcher,
+        dtype: torch.dtype | None,
+        device: torch.device,
+        idx: int,
+    ) -> None:
+        self._layer = layer
+        self._children = dict(layer.named_children())
+        self._units = units
+        self._first = first
+        self._stages = stages
+        self._prefetch = prefetch
+        self._dtype = dtype
+        self._device = device
+        self._idx = idx
+        self._filled = [False] * len(units)
+        self._released = [False] * len(units)
+        self._handles: list[RemovableHandle] = []
+        self._wrapped: list[tuple[nn.Module, str, CustomLayerAdapter]] = []
+        self.last_call = False
+
+    def hook(
+        self, layer: nn.Module, adapters: list[CustomLayerAdapter], roles: Mapping[str, str]
+    ) -> None:
+        """Fill stage ``k`` (and any before it) when the forward first calls one of its children."""
+        if layer is not self._layer:  # the whole layer is a custom module: nothing is staged
+            return
+        for adapter in adapters:
+            parent, attr = _submodule_parent(layer, roles[adapter.role])
+            self._wrapped.append((parent, attr, adapter))
+        for pos, unit in enumerate(self._units):
+            if pos == 0:
+                continue
+            for child in self._stages[unit.stage]:
+                module = getattr(layer, child, None)
+                if isinstance(module, nn.Module):
+                    self._handles.append(
+                        module.register_forward_pre_hook(functools.partial(self._enter, pos))
+                    )
+
+    def _enter(self, pos: int, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self.fill_upto(pos)
+        if self.last_call:
+            for earlier in range(pos):
+                self._release(earlier)
+        _release_freed_memory()
+
+    def fill_upto(self, pos: int) -> None:
+        for k in range(pos + 1):
+            if self._filled[k]:
+                continue
+            unit = self._units[k]
+            tensors = self._prefetch.take(self._first + k)
+            partial = {
+                key: prepare_tensor(tensors.pop(name), dtype=self._dtype, device=self._device)
+                for key, name in zip(unit.keys, unit.names, strict=True)
+            }
+            for parent, attr, adapter in self._wrapped:
+                setattr(parent, attr, adapter.inner)
+            try:
+                _, unexpected = self._layer.load_state_dict(partial, strict=False, assign=True)
+            finally:
+                for parent, attr, adapter in self._wrapped:
+                    setattr(parent, attr, adapter)
+            if unexpected:
+                raise CheckpointError(f"layer {self._idx}: no place for tensors {unexpected}")
+            self._filled[k] = True
+
+    def _release(self, pos: int) -> None:
+        if self._released[pos] or not self._filled[pos]:
+            return
+        if self._stages:
+            for child in self._stages[self._units[pos].stage]:
+                module = self._children.get(child)
+                for sub in module.modules() if module is not None else ():
+                    for pname, param in list(sub._parameters.items()):
+                        if param is not None and not param.is_meta:
+                            sub._parameters[pname] = nn.Parameter(
+                                torch.empty_like(param, device="meta"),
+                                requires_grad=param.requires_grad,
+                            )
+        self._released[pos] = True
+        self._prefetch.release(self._first + pos)
+
+    def finish(self) -> None:
+        """After the last micro-batch: every stage must have run; free them all."""
+        for handle in self._handles:
+            handle.remove()
+        unused = [u for u, filled in zip(self._units, self._filled, strict=True) if not filled]
+        for pos in range(len(self._units)):
+            self._release(pos)
+        if unused:
+            children = ", ".join(self._stages[unused[0].stage]) if self._stages else "the layer"
+            raise StreamingError(
+                f"layer {self._idx}: its forward never called {children}, whose weights "
+                f"{list(unused[0].names)[:3]} were read for it; the family's layer_stages() "
+                f"does not match this layer"
+            )
+        for label, tensor in [*self._layer.named_parameters(), *self._layer.named_buffers()]:
+            if tensor.is_meta and not self._stages:
+                raise CheckpointError(
+                    f"layer {self._idx}: {label!r} is still on the meta device after loading"
+                )

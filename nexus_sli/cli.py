@@ -380,6 +380,15 @@ def run(
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, help="Sequences per micro-batch.")
     ] = 8,
+    max_tokens_per_call: Annotated[
+        int,
+        typer.Option(
+            "--max-tokens-per-call",
+            min=0,
+            help="Split micro-batches so one layer call sees at most this many tokens (whole "
+            "sequences); 0 = no limit. Bounds activation memory; results do not change.",
+        ),
+    ] = 1024,
     hidden_states: Annotated[
         bool,
         typer.Option("--hidden-states", help="Also write hidden_states.<i> (embeddings first)."),
@@ -440,6 +449,7 @@ def run(
         start = time.perf_counter()
         options: dict[str, Any] = {
             "batch_size": batch_size,
+            "max_tokens_per_call": max_tokens_per_call or None,
             "output_hidden_states": hidden_states,
             "output_logits": logits,
             "resume": resume,

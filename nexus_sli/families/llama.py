@@ -315,6 +315,18 @@ class LlamaFamily(ArchitectureFamily):
         return layer
 
     # ------------------------------------------------------------------ structure
+    def layer_stages(self, config: Any, layer_type: str = "decoder") -> tuple[tuple[str, ...], ...]:
+        return (
+            ("input_layernorm", "self_attn"),
+            (
+                "post_attention_layernorm",
+                "pre_feedforward_layernorm",
+                "mlp",
+                "block_sparse_moe",  # mixtral's checkpoint name of ``mlp``
+                "post_feedforward_layernorm",
+            ),
+        )
+
     def layer_roles(self, config: Any, layer_type: str = "decoder") -> Mapping[str, str]:
         roles = {
             "layer": "",
