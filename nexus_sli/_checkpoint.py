@@ -7,6 +7,7 @@ tensor's bytes are read when the engine asks for it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
@@ -200,10 +201,15 @@ class SafetensorsCheckpoint:
         return self.get_many([name])[name]
 
     def get_many(self, names: Collection[str]) -> dict[str, torch.Tensor]:
-        """Read tensors straight from their files into fresh tensors (no mmap, one copy).
+        """Map tensors from their files and bring their pages in, without copying them.
 
-        Each file is opened once; tensors are read in file order with ``readinto``, so the
-        only memory a read takes is the tensor itself.
+        Each tensor gets its own private mapping of its byte span (copy-on-write: a module
+        that writes into its weights changes only its own copy), populated here with
+        ``MADV_POPULATE_READ`` so that the caller (the background reader) does the disk reads,
+        not the layer's compute. The page cache is shared rather than copied, and freeing the
+        tensor unmaps it, so the process holds what is alive and nothing more. Do not rewrite
+        a checkpoint while it is streamed: a file truncated under a live mapping ends the
+        process with SIGBUS.
         """
         by_file: dict[Path, list[str]] = {}
         for name in names:
@@ -213,8 +219,9 @@ class SafetensorsCheckpoint:
             group.sort(key=lambda n: self._spans[n][0])
             try:
                 with path.open("rb", buffering=0) as fh:
+                    size = os.fstat(fh.fileno()).st_size
                     for name in group:
-                        out[name] = self._read_into(fh, name, path)
+                        out[name] = self._map(fh.fileno(), size, name, path)
             except CheckpointError:
                 raise
             except OSError as exc:
@@ -222,6 +229,27 @@ class SafetensorsCheckpoint:
                     f"reading tensors from {str(path)!r} failed: {exc.strerror or exc}"
                 ) from exc
         return out
+
+    def will_need(self, names: Collection[str]) -> None:
+        """Ask the kernel to start reading these tensors into the page cache (no memory of
+        this process is used; the later :meth:`get_many` then finds them there)."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        by_file: dict[Path, list[tuple[int, int]]] = {}
+        for name in names:
+            by_file.setdefault(self._where[name], []).append(self._spans[name])
+        for path, spans in by_file.items():
+            begin, end = min(b for b, _ in spans), max(e for _, e in spans)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue  # a hint only: get_many reports the real problem
+            try:
+                os.posix_fadvise(fd, begin, end - begin, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
     def get_rows(self, name: str, rows: Sequence[int]) -> torch.Tensor:
         """Rows ``rows`` (sorted, distinct) of a tensor along its first dimension, read alone.
@@ -279,7 +307,7 @@ class SafetensorsCheckpoint:
                 )
             done += n
 
-    def _read_into(self, fh: Any, name: str, path: Path) -> torch.Tensor:
+    def _map(self, fd: int, file_size: int, name: str, path: Path) -> torch.Tensor:
         begin, end = self._spans[name]
         dtype = self._dtypes[name]
         shape = self._shapes[name]
@@ -290,18 +318,27 @@ class SafetensorsCheckpoint:
                 f"tensor {name!r} in {str(path)!r} spans {size} bytes, but {list(shape)} of "
                 f"{dtype} needs {expected}"
             )
-        # An anonymous mapping per tensor: freeing the tensor unmaps it, so the process's memory
-        # follows what is alive instead of what the allocator kept from earlier layers.
-        region = mmap.mmap(-1, max(size, 1))
-        view = memoryview(region)[:size]
-        fh.seek(begin)
-        self._fill(fh, view, name, path)
-        self.bytes_read += size
-        view.release()
+        if end > file_size:
+            raise CheckpointError(
+                f"tensor {name!r} in {str(path)!r} ends early: the file has {file_size} bytes, "
+                f"the tensor ends at {end} (the file is truncated or changed while streaming)"
+            )
         if size == 0:
             return torch.empty(shape, dtype=dtype)
-        buffer = torch.frombuffer(region, dtype=torch.uint8, count=size)
-        return buffer.view(dtype).reshape(shape)
+        start = begin - begin % mmap.ALLOCATIONGRANULARITY
+        region = mmap.mmap(
+            fd,
+            end - start,
+            flags=mmap.MAP_PRIVATE,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            offset=start,
+        )
+        _populate(region, begin - start, size)
+        self.bytes_read += size
+        tensor = torch.frombuffer(
+            region, dtype=dtype, count=expected // dtype.itemsize, offset=begin - start
+        )
+        return tensor.reshape(shape)
 
     def files(self) -> Iterator[Path]:
         yield from sorted(set(self._where.values()))
@@ -324,6 +361,24 @@ class SafetensorsCheckpoint:
             if dtype.is_floating_point:
                 counts[dtype] = counts.get(dtype, 0) + 1
         return max(counts, key=lambda d: counts[d]) if counts else torch.float32
+
+
+#: ``madvise(MADV_POPULATE_READ)`` (Linux 5.14): read-fault a range in without breaking
+#: copy-on-write; IO errors come back as OSError instead of SIGBUS later.
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+
+
+def _populate(region: mmap.mmap, offset: int, size: int) -> None:
+    """Bring a mapped range into memory now (on the calling, background, thread)."""
+    page = mmap.PAGESIZE
+    first = offset - offset % page
+    try:
+        region.madvise(_MADV_POPULATE_READ, first, offset + size - first)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+            raise
+        for at in range(first, offset + size, page):  # older kernels: touch each page
+            region[at]
 
 
 _DTYPES = {

@@ -628,7 +628,10 @@ class _Prefetcher:
         self._thread.start()
 
     def _work(self) -> None:
+        hint = getattr(self._source, "will_need", None)
         for j, unit in enumerate(self._units):
+            if hint is not None:  # the disk starts on it while the budget is not yet free
+                hint(unit.names)
             with self._cond:
                 while not self._closed and self._held and self._held + unit.nbytes > self._budget:
                     self._cond.wait()
