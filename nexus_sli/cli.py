@@ -413,8 +413,8 @@ def run(
         typer.Option(
             "--activation-dir",
             metavar="DIR",
-            help="Keep per-layer activations here (needed for --resume); a temporary "
-            "directory otherwise.",
+            help="Write per-layer activations here (needed for --resume); otherwise they "
+            "stay in memory and nothing is written.",
         ),
     ] = None,
     debug: DebugOption = False,

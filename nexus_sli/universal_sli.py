@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +88,8 @@ class UniversalSLIProcessor:
             ``family.layer_roles(config)`` (at least ``layer``, ``attention``, ``mlp``).
         device: where layers run (``"cpu"``).
         dtype: compute dtype; ``None`` keeps the checkpoint's own.
-        activation_dir: where per-layer activations go (a temporary directory when ``None``).
+        activation_dir: where per-layer activations are written, for resuming (``None``: kept in
+            memory only, nothing written).
         registry: the registry to resolve families and custom layers (the shared one).
         trust_remote_code: must be ``True`` for a config that asks for remote code (``auto_map``);
             even then no code from the checkpoint is imported, for the model or the tokenizer
@@ -264,13 +263,13 @@ class UniversalSLIProcessor:
                 f"output_logits=True, but family {self.family.family_id!r} streams a stack "
                 f"without an LM head"
             )
-        temp = None
         directory = self.activation_dir
-        if directory is None:
-            temp = tempfile.mkdtemp(prefix="nexus-sli-")
-            directory = Path(temp)
-        store = ActivationStore(
-            directory, self._manifest(input_ids, mask), resume=resume, durable=temp is None
+        # Without activation_dir nothing is written: activations stay in memory (and
+        # resume=True has nothing to resume from, so the run is whole).
+        store = (
+            ActivationStore(directory, self._manifest(input_ids, mask), resume=resume)
+            if directory is not None
+            else None
         )
         bar: Any = None
         try:
@@ -300,7 +299,7 @@ class UniversalSLIProcessor:
                 on_plan=on_plan,
             )
         except KeyboardInterrupt:
-            if temp is None:
+            if store is not None:
                 print(
                     f"nexus-sli: interrupted; completed layers are kept in {str(directory)!r}: "
                     f"run again with resume=True to continue",
@@ -310,9 +309,8 @@ class UniversalSLIProcessor:
         finally:
             if bar is not None:
                 bar.close()
-            store.close()
-            if temp is not None:
-                shutil.rmtree(temp, ignore_errors=True)
+            if store is not None:
+                store.close()
         return SLIResult(out.last_hidden_state, out.hidden_states, out.logits, mask, out.stats)
 
     @beartype(conf=CONF)
