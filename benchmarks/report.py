@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import statistics
 import time
 from collections.abc import Iterable
@@ -439,6 +440,28 @@ def _plan_notes(d: _Data) -> list[str]:
     return [*lines, ""]
 
 
+def _large_summary(out_dir: Path) -> list[str]:
+    """The targets of a ``--large`` run kept in ``out_dir/large`` (its own RESULTS.md there)."""
+    path = out_dir / "large" / "results.json"
+    if not path.is_file() or out_dir.name == "large":
+        return []
+    large = _Data(json.loads(path.read_text()))
+    runs = sorted({int(r["round"]) for r in large.records})
+    return [
+        f"## Large checkpoint: {large.spec.n_params() / 1e9:.2f} B parameters "
+        f"({large.spec.num_hidden_layers} layers), W1",
+        "",
+        f"From `{large.meta.get('command', '?')}` ({large.meta.get('date', '?')}, "
+        f"{len(runs)} rounds); every table, the timeline and the charts of that run are in "
+        f"[large/RESULTS.md](large/RESULTS.md).",
+        "",
+        "| target | measured | aim | verdict | per round |",
+        "|---|---|---|---|---|",
+        *_target_rows(large),
+        "",
+    ]
+
+
 def write_report(data: dict[str, Any], out_dir: Path, *, charts: bool = True) -> None:
     """Write ``RESULTS.md`` (and the charts) into ``out_dir`` from the run's data."""
     d = _Data(data)
@@ -506,6 +529,7 @@ def write_report(data: dict[str, Any], out_dir: Path, *, charts: bool = True) ->
     ]
     for w, c in d.cells():
         lines += _main_table(d, w, c)
+    lines += _large_summary(out_dir)
     lines += ["## Micro-batch sweep (warm cache)", "", *_sweep_lines(d)]
     lines += ["## Streaming per-layer timeline", "", *_timeline_lines(d)]
     lines += ["## Registry micro-benchmarks", "", *_registry_lines(d)]
@@ -518,7 +542,7 @@ def write_report(data: dict[str, Any], out_dir: Path, *, charts: bool = True) ->
             lines.append(f"- {r['system']} {r['workload']} {r['cache']} round {r['round']}: "
                          f"{r['status']}")  # fmt: skip
         lines.append("")
-    notes_path = Path(__file__).with_name("NOTES.md")
+    notes_path = out_dir / "NOTES.md"
     if notes_path.is_file() and not d.plan.get("quick"):
         lines += [notes_path.read_text().rstrip(), ""]
     (out_dir / "RESULTS.md").write_text("\n".join(lines))

@@ -61,24 +61,19 @@ def test_llama_holds_about_one_layer_of_weights(tmp_path: Path, batch_size: int)
 
 
 def test_family_without_stages_holds_two_layers(tmp_path: Path) -> None:
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    """Mamba declares no stages: the next layer is read whole while one runs."""
+    from transformers import MambaConfig, MambaForCausalLM
 
     torch.manual_seed(0)
-    config = GPTNeoXConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_hidden_layers=4,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    GPTNeoXForCausalLM(config).save_pretrained(tmp_path / "neox")
-    ids, mask = padded_batch(128, left=False)
-    result = UniversalSLIProcessor(tmp_path / "neox", progress=False).run(ids, mask)
-    sizes = _tensor_bytes(tmp_path / "neox")
-    layer = sum(v for k, v in sizes.items() if k.startswith("gpt_neox.layers.0."))
+    config = MambaConfig(hidden_size=64, state_size=8, num_hidden_layers=4, vocab_size=128)
+    MambaForCausalLM(config).save_pretrained(tmp_path / "mamba")
+    ids = torch.randint(3, 128, (3, 7), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    result = UniversalSLIProcessor(tmp_path / "mamba", progress=False).run(ids, mask)
+    sizes = _tensor_bytes(tmp_path / "mamba")
+    layer = sum(v for k, v in sizes.items() if k.startswith("backbone.layers.0."))
     assert result.stats.peak_weight_bytes == 2 * layer
-    _close(result.last_hidden_state, _oracle(tmp_path / "neox", ids, mask), mask)
+    _close(result.last_hidden_state, _oracle(tmp_path / "mamba", ids, mask), mask)
 
 
 def test_embedding_table_is_read_by_rows(tmp_path: Path) -> None:

@@ -197,6 +197,37 @@ def test_streaming_equals_transformers(zoo: Zoo, name: str, kind: str, padding: 
 
 
 @pytest.mark.parametrize("name", ZOO_NAMES)
+def test_streaming_holds_one_layer_or_two(zoo: Zoo, name: str) -> None:
+    """Families with layer stages hold at most one layer's weights at a time, the others two;
+    results are the oracle's either way (one sequence per call, so stages are freed and
+    re-read across calls of a layer as they would be in a long run)."""
+    path = zoo.checkpoint(name, "sharded")
+    ids, mask = zoo.batch(name, "left-pad")
+    proc = UniversalSLIProcessor(path, progress=False)
+    result = proc.run(ids, mask, batch_size=1)
+    family, config, source = proc.family, proc.config, proc.checkpoint
+    stack = family.layer_types(config)[0]
+    model_prefix = family.resolve_model_prefix(config, source.names())
+    layer_bytes = []
+    for idx in range(family.num_layers(config, stack)):
+        prefix = family.get_layer_prefix(idx, stack, model_prefix=model_prefix)
+        layer_bytes.append(
+            sum(
+                source.dtype(n).itemsize * math.prod(source.shape(n))
+                for n in source.names()
+                if n.startswith(prefix)
+            )
+        )
+    staged = bool(family.layer_stages(config, stack))
+    limit = max(layer_bytes) if staged else 2 * max(layer_bytes)
+    assert 0 < result.stats.peak_weight_bytes <= limit, (name, staged, layer_bytes)
+    if staged:
+        assert result.stats.peak_weight_bytes < 2 * min(layer_bytes)
+    expected = zoo.expected(name, "sharded", "left-pad")
+    _close(result.last_hidden_state, expected.last_hidden_state, mask, f"{name} one-layer run")
+
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
 def test_zoo_models_are_sensitive(zoo: Zoo, name: str) -> None:
     """The random weights move every layer's output (and the logits) far beyond the tolerance,
     and the mask matters: with the left pads unmasked the real tokens' outputs change by far

@@ -182,6 +182,9 @@ class _BertLikeFamily(ArchitectureFamily):
     def num_layers(self, config: Any, layer_type: str = "encoder") -> int:
         return int(config.num_hidden_layers)
 
+    def layer_stages(self, config: Any, layer_type: str = "encoder") -> tuple[tuple[str, ...], ...]:
+        return (("attention", "crossattention"), ("intermediate", "output"))
+
     def layer_roles(self, config: Any, layer_type: str = "encoder") -> Mapping[str, str]:
         roles = {
             "layer": "",

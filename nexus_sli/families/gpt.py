@@ -91,6 +91,19 @@ def arange_positions(seq: int, device: torch.device) -> torch.Tensor:
     return torch.arange(seq, device=device).unsqueeze(0)
 
 
+#: Layer children in the order each block's forward first calls them (see
+#: ``ArchitectureFamily.layer_stages``): attention, then the MLP.
+_STAGES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "gpt2": (("ln_1", "attn"), ("ln_cross_attn", "crossattention", "ln_2", "mlp")),
+    "gptj": (("ln_1", "attn"), ("mlp",)),
+    "bloom": (("input_layernorm", "self_attention"), ("post_attention_layernorm", "mlp")),
+    "falcon": (
+        ("input_layernorm", "ln_attn", "ln_mlp", "self_attention"),
+        ("post_attention_layernorm", "mlp"),
+    ),
+}
+
+
 def check_model_type(family: ArchitectureFamily, config: Any) -> str:
     """``config.model_type`` if ``family`` claims it, else :class:`UnsupportedArchitectureError`."""
     model_type = str(getattr(config, "model_type", ""))
@@ -215,6 +228,10 @@ class GPTFamily(ArchitectureFamily):
         return spec.layer_cls()(self._attn(config), layer_idx=layer_idx)
 
     # ------------------------------------------------------------------ structure
+    def layer_stages(self, config: Any, layer_type: str = "decoder") -> tuple[tuple[str, ...], ...]:
+        # Falcon's new architecture applies ln_mlp before attention: it belongs to stage 0.
+        return _STAGES[check_model_type(self, config)]
+
     def layer_roles(self, config: Any, layer_type: str = "decoder") -> Mapping[str, str]:
         return {"layer": "", "attention": self._spec(config).attention, "mlp": "mlp"}
 

@@ -62,6 +62,9 @@ class GPTNeoXFamily(ArchitectureFamily):
         return layer
 
     # ------------------------------------------------------------------ structure
+    def layer_stages(self, config: Any, layer_type: str = "decoder") -> tuple[tuple[str, ...], ...]:
+        return (("input_layernorm", "attention"), ("post_attention_layernorm", "mlp"))
+
     def layer_roles(self, config: Any, layer_type: str = "decoder") -> Mapping[str, str]:
         return {"layer": "", "attention": "attention", "mlp": "mlp"}
 

@@ -77,6 +77,10 @@ class OPTFamily(ArchitectureFamily):
         return modeling_opt.OPTDecoderLayer(self._attn(config), layer_idx=layer_idx)
 
     # ------------------------------------------------------------------ structure
+    def layer_stages(self, config: Any, layer_type: str = "decoder") -> tuple[tuple[str, ...], ...]:
+        # With do_layer_norm_before=False the attention norm runs after attention: still stage 0.
+        return (("self_attn_layer_norm", "self_attn"), ("final_layer_norm", "fc1", "fc2"))
+
     def layer_roles(self, config: Any, layer_type: str = "decoder") -> Mapping[str, str]:
         return {"layer": "", "attention": "self_attn", "mlp_in": "fc1", "mlp_out": "fc2"}
 
