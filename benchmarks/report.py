@@ -256,13 +256,28 @@ def _sweep_lines(d: _Data) -> list[str]:
     return [*lines, ""]
 
 
-def _layer_reads(run: dict[str, Any]) -> list[tuple[float, float]]:
-    """The per-layer reads of a nexus_sli run (the stem and final norm reads dropped)."""
+def _unit_reads(run: dict[str, Any]) -> tuple[list[tuple[float, float]], int]:
+    """The background reads of a nexus_sli run's layers, and how many there are per layer.
+
+    The stem (read by rows, or, in runs before that, as one read first) and the final norm
+    (one read last) are dropped; a layer is read in 1 or more units (its stages).
+    """
     reads = [(float(s), float(e)) for s, e, _ in run.get("reads", [])]
     n = len(run.get("timeline", []))
-    if len(reads) == n + 2:  # embeddings first, final norm last
-        return reads[1:-1]
-    return reads[:n]
+    for per in (1, 2, 3):
+        for lead in (0, 1):
+            if n and lead + per * n + 1 == len(reads):
+                return reads[lead : lead + per * n], per
+    return reads[:n], 1
+
+
+def _layer_reads(run: dict[str, Any]) -> list[tuple[float, float]]:
+    """Per layer: when its first read began, and the time spent reading all its units."""
+    units, per = _unit_reads(run)
+    return [
+        (units[i][0], sum(e - s for s, e in units[i : i + per]))
+        for i in range(0, len(units) - per + 1, per)
+    ]
 
 
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -279,16 +294,17 @@ def _timeline_lines(d: _Data) -> list[str]:
         if run is None:
             continue
         lines += [
-            f"(d) W1 {cache}, median run ({run['wall_s']:.1f} s): per layer, the background "
-            "read of its tensors, the time the loop blocked on it, compute over every "
-            "micro-batch, and the activation write.",
+            f"(d) W1 {cache}, median run ({run['wall_s']:.1f} s): per layer, the time the "
+            "background reader spent on its tensors (all its stages: mapped and paged in, "
+            "from the disk when cold), the time the loop blocked waiting for them, compute over "
+            "every micro-batch, and the activation write (none without an activation_dir).",
             "",
             "| layer | read s | blocked s | compute s | write s |",
             "|---|---|---|---|---|",
         ]
         reads = _layer_reads(run)
         for i, (idx, wait, comp, write) in enumerate(run.get("timeline", [])):
-            read = reads[i][1] - reads[i][0] if i < len(reads) else float("nan")
+            read = reads[i][1] if i < len(reads) else float("nan")
             lines.append(f"| {idx} | {_fmt(read, 3)} | {wait:.3f} | {comp:.2f} | {write:.3f} |")
         lines.append("")
     return lines
@@ -389,7 +405,7 @@ def _charts(d: _Data, out_dir: Path) -> list[str]:
                                  squeeze=False)  # fmt: skip
         for ax, (cache, run) in zip(axes[:, 0], present, strict=True):
             assert run is not None
-            reads = [(s, e - s) for s, e in _layer_reads(run)]
+            reads = [(s, e - s) for s, e in _unit_reads(run)[0]]
             t = reads[0][0] if reads else 0.0
             waits, comps, writes = [], [], []
             for _, wait, comp, write in run["timeline"]:
@@ -404,7 +420,7 @@ def _charts(d: _Data, out_dir: Path) -> list[str]:
             ax.set_yticks([0.4, 1.4, 2.4])
             ax.set_yticklabels(["compute (+write)", "blocked", "read (prefetch)"])
             ax.set_title(f"(d) per-layer timeline, W1 {cache} cache")
-            ax.set_xlabel("s since the embedding read began")
+            ax.set_xlabel("s since the first layer read began")
         fig.tight_layout()
         fig.savefig(out_dir / "timeline.png", dpi=110)
         plt.close(fig)
@@ -524,13 +540,15 @@ def write_report(data: dict[str, Any], out_dir: Path, *, charts: bool = True) ->
         "|---|---|---|---|---|",
         *_target_rows(d),
         "",
+        *_large_summary(out_dir),
         "## Results per workload",
         "",
     ]
     for w, c in d.cells():
-        lines += _main_table(d, w, c)
-    lines += _large_summary(out_dir)
-    lines += ["## Micro-batch sweep (warm cache)", "", *_sweep_lines(d)]
+        if any(r["workload"] == w and r["cache"] == c for r in d.records):
+            lines += _main_table(d, w, c)
+    if any(str(r["workload"]).startswith(("W2", "sweep")) for r in d.records):
+        lines += ["## Micro-batch sweep (warm cache)", "", *_sweep_lines(d)]
     lines += ["## Streaming per-layer timeline", "", *_timeline_lines(d)]
     lines += ["## Registry micro-benchmarks", "", *_registry_lines(d)]
     if made:

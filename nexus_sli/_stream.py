@@ -371,7 +371,7 @@ def run_layer_major(
                 fill.hook(layer, adapters, roles)
                 target = hidden
                 for i, ((s, e), ctx) in enumerate(zip(bounds, contexts, strict=True)):
-                    fill.last_call = i == len(bounds) - 1
+                    fill.first_call, fill.last_call = i == 0, i == len(bounds) - 1
                     for adapter in adapters:
                         adapter.context = ctx
                     if isinstance(layer, CustomLayerAdapter):
@@ -411,12 +411,15 @@ def run_layer_major(
         final = _build(lambda: family.build_final(config, stack))
         fill_module(final, plan.final_map, source, dtype=dtype, device=device, what="final norm")
         final.eval()
-        last_hidden = torch.cat(
-            [
-                family.finish(config, final, hidden[s:e], ctx, stack)
-                for (s, e), ctx in zip(bounds, contexts, strict=True)
-            ]
-        )
+        # In place when the final modules keep shape and dtype (the layers' outputs are dead
+        # once finished), so the end of a run holds one activation buffer, not three.
+        last_hidden = hidden
+        for i, ((s, e), ctx) in enumerate(zip(bounds, contexts, strict=True)):
+            out = family.finish(config, final, hidden[s:e], ctx, stack)
+            if i == 0 and (out.dtype != hidden.dtype or out.shape[1:] != hidden.shape[1:]):
+                last_hidden = torch.empty((n, *out.shape[1:]), dtype=out.dtype, device=out.device)
+            last_hidden[s:e] = out
+            del out
         del final, hidden
         hidden_states: tuple[torch.Tensor, ...] | None = None
         if output_hidden_states:
@@ -710,7 +713,7 @@ class _StagedFill:
         self._released = [False] * len(units)
         self._handles: list[RemovableHandle] = []
         self._wrapped: list[tuple[nn.Module, str, CustomLayerAdapter]] = []
-        self.last_call = False
+        self.first_call = self.last_call = False
 
     def hook(
         self, layer: nn.Module, adapters: list[CustomLayerAdapter], roles: Mapping[str, str]
@@ -736,7 +739,10 @@ class _StagedFill:
         if self.last_call:
             for earlier in range(pos):
                 self._release(earlier)
-        _release_freed_memory()
+        if self.first_call:
+            # The previous stage's freed activations go back to the OS before this stage
+            # allocates its own; later calls of the layer reuse what this call's stage takes.
+            _release_freed_memory()
 
     def fill_upto(self, pos: int) -> None:
         for k in range(pos + 1):
