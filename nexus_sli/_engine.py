@@ -23,6 +23,7 @@ __all__ = [
     "EngineOutput",
     "TensorSource",
     "buffers_to",
+    "check_loaded",
     "check_tensors",
     "fill_module",
     "params_on_meta",
@@ -160,14 +161,25 @@ def fill_module(
             continue
         tensor = tensors[name] if tensors is not None else source.get(name)
         loaded[key] = prepare_tensor(tensor, dtype=dtype, device=device)
-    missing, _ = module.load_state_dict(loaded, strict=False, assign=True)
-    if set(missing) != set(lazy):
-        raise CheckpointError(f"{what}: no tensor loaded for {sorted(set(missing) - set(lazy))}")
+    # strict=False only so that the lazy keys may stay out; everything else is checked: no
+    # tensor without a place, and nothing but the lazy keys left on meta.
+    missing, unexpected = module.load_state_dict(loaded, strict=False, assign=True)
+    if unexpected or set(missing) != set(lazy):
+        raise CheckpointError(
+            f"{what}: tensors without a place {sorted(unexpected)}, keys not loaded "
+            f"{sorted(set(missing) - set(lazy))}"
+        )
     lazy_ids = {id(t) for k, t in module.state_dict(keep_vars=True).items() if k in lazy}
-    for label, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        if tensor.is_meta and id(tensor) not in lazy_ids:
-            raise CheckpointError(f"{what}: {label!r} is still on the meta device after loading")
+    check_loaded(module, what, skip=lazy_ids)
     buffers_to(module, device)
+
+
+def check_loaded(module: nn.Module, what: str, *, skip: Collection[int] = ()) -> None:
+    """Every parameter and buffer of ``module`` holds values (none left on meta), except the
+    tensors whose ``id`` is in ``skip``."""
+    for label, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_meta and id(tensor) not in skip:
+            raise CheckpointError(f"{what}: {label!r} is still on the meta device after loading")
 
 
 def prepare_tensor(

@@ -27,6 +27,7 @@ from torch.utils.hooks import RemovableHandle
 from ._engine import (
     TensorSource,
     buffers_to,
+    check_loaded,
     check_tensors,
     fill_module,
     params_on_meta,
@@ -757,6 +758,8 @@ class _StagedFill:
             for parent, attr, adapter in self._wrapped:
                 setattr(parent, attr, adapter.inner)
             try:
+                # strict=False because the other stages' keys are not loaded yet; once every
+                # stage is in, check_loaded below proves that nothing was left out.
                 _, unexpected = self._layer.load_state_dict(partial, strict=False, assign=True)
             finally:
                 for parent, attr, adapter in self._wrapped:
@@ -764,6 +767,20 @@ class _StagedFill:
             if unexpected:
                 raise CheckpointError(f"layer {self._idx}: no place for tensors {unexpected}")
             self._filled[k] = True
+            self._check_filled()
+
+    def _check_filled(self) -> None:
+        """Nothing of the stages filled so far (and not yet freed) is left on meta."""
+        absent = {
+            child
+            for unit, filled, released in zip(
+                self._units, self._filled, self._released, strict=True
+            )
+            if not filled or released
+            for child in (self._stages[unit.stage] if self._stages else ())
+        }
+        skip = {id(p) for name, p in self._layer.named_parameters() if name.split(".")[0] in absent}
+        check_loaded(self._layer, f"layer {self._idx}", skip=skip)
 
     def _release(self, pos: int) -> None:
         if self._released[pos] or not self._filled[pos]:
@@ -795,8 +812,3 @@ class _StagedFill:
                 f"{list(unused[0].names)[:3]} were read for it; the family's layer_stages() "
                 f"does not match this layer"
             )
-        for label, tensor in [*self._layer.named_parameters(), *self._layer.named_buffers()]:
-            if tensor.is_meta and not self._stages:
-                raise CheckpointError(
-                    f"layer {self._idx}: {label!r} is still on the meta device after loading"
-                )
